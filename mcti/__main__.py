@@ -1,0 +1,5 @@
+import sys
+
+from mcti.cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""`mcti eval` and `mcti classify`: score images with a token set; accuracy and confusion."""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mcti.config import ScoreArgs
+from mcti.data import ImageFolder, load_images
+from mcti.errors import UserError
+from mcti.model import ModelBundle, load_model
+from mcti.scoring import Classifier, Scores
+from mcti.store import load_tokens
+
+
+@dataclass
+class Loaded:
+    bundle: ModelBundle
+    labels: list[str]
+    meta: dict
+    classifier: Classifier
+
+
+def load_classifier(cfg: ScoreArgs, bundle: ModelBundle | None = None) -> Loaded:
+    if bundle is None:
+        bundle = load_model(cfg.model, cfg.device, cfg.precision, cfg.attention, cfg.clip)
+    tokens, table, labels, meta = load_tokens(cfg.tokens, bundle)
+    if cfg.batch_images < 1:
+        raise UserError("--batch-images must be >= 1")
+    clf = Classifier(
+        bundle,
+        tokens,
+        table,
+        scorer=cfg.scorer,
+        hybrid_m=cfg.hybrid_m,
+        n_samples=cfg.n_samples,
+        to_keep=cfg.to_keep,
+        batch_rows=cfg.batch_rows,
+        template=cfg.template,
+        seed=cfg.seed,
+    )
+    return Loaded(bundle, labels, meta, clf)
+
+
+def score_all(
+    loaded: Loaded, pixels: torch.Tensor, batch: int, desc: str = "score", quiet: bool = False
+) -> Scores:
+    """Score (N, 3, H, W) images in groups of `batch`; returns concatenated Scores."""
+    parts = []
+    for i in tqdm(
+        range(0, len(pixels), batch), desc=desc, unit="batch", disable=quiet, dynamic_ncols=True
+    ):
+        parts.append(loaded.classifier.score(pixels[i : i + batch]))
+    return Scores(
+        torch.cat([p.scores for p in parts]),
+        torch.cat([p.stage for p in parts]),
+        sum(p.unet_rows for p in parts),
+    )
+
+
+def evaluate(
+    loaded: Loaded, data: ImageFolder, indices: list[int], batch: int, quiet: bool = False
+) -> dict:
+    """Accuracy, top-5, per-class accuracy, confusion matrix, speed."""
+    labels = loaded.labels
+    unknown = sorted(set(data.classes) - set(labels))
+    if unknown:
+        raise UserError(f"data has label(s) not in the token set: {', '.join(unknown[:5])}")
+    pixels, kept = load_images(data, indices, loaded.bundle.resolution, quiet=quiet)
+    truth = torch.tensor([labels.index(data.classes[data.labels[i]]) for i in kept])
+    t0 = time.perf_counter()
+    s = score_all(loaded, pixels, batch, desc="eval", quiet=quiet)
+    seconds = time.perf_counter() - t0
+    ranking = s.ranking()
+    pred = ranking[:, 0]
+    K = len(labels)
+    confusion = torch.zeros(K, K, dtype=torch.long)
+    confusion.index_put_((truth, pred), torch.ones_like(truth), accumulate=True)
+    per_class = {}
+    for k, label in enumerate(labels):
+        n = int((truth == k).sum())
+        if n:
+            per_class[label] = float(confusion[k, k]) / n
+    out = {
+        "accuracy": float((pred == truth).float().mean()),
+        "per_class": per_class,
+        "n_images": len(kept),
+        "n_skipped": len(data.skipped),
+        "images_per_s": len(kept) / seconds,
+        "unet_rows_per_image": s.unet_rows / len(kept),
+        "scorer": loaded.classifier.kind,
+        "confusion": confusion.tolist(),
+        "labels": labels,
+        "predictions": [labels[i] for i in pred.tolist()],
+        "files": [data.paths[i] for i in kept],
+    }
+    if K > 5:
+        out["top5"] = float((ranking[:, :5] == truth.view(-1, 1)).any(1).float().mean())
+    return out
+
+
+def eval_indices(data: ImageFolder, meta: dict, include_train: bool, limit: int) -> list[int]:
+    """All images, minus those the tokens were trained on (when the folder is the same)."""
+    train = set()
+    if not include_train and Path(meta.get("data_root", "")) == data.root.resolve():
+        train = set(meta.get("train_files", []))
+    chosen, per_class = [], {}
+    for i, p in enumerate(data.paths):
+        if p in train:
+            continue
+        per_class[data.labels[i]] = per_class.get(data.labels[i], 0) + 1
+        if limit and per_class[data.labels[i]] > limit:
+            continue
+        chosen.append(i)
+    if not chosen:
+        raise UserError(
+            "no images left to evaluate (all were training images; pass --include-train)"
+        )
+    return chosen
+
+
+def plot_confusion(result: dict, path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mcti.atomic import atomic_write
+
+    cm = torch.tensor(result["confusion"], dtype=torch.float)
+    norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    labels = result["labels"]
+    K = len(labels)
+    size = max(4.0, 0.45 * K + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(K), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(K), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if K <= 20:
+        for i in range(K):
+            for j in range(K):
+                if cm[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
+    ax.set_title(
+        title
+        or f"{result['scorer']} scorer: accuracy {result['accuracy']:.1%} (n={result['n_images']})"
+    )
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)

@@ -1,0 +1,212 @@
+"""Scorers: images -> per-class scores (higher is better) and a ranking.
+
+`diffusion` (Diffusion Classifier, Li et al. 2023): per image, a grid of (t, eps) pairs shared
+by all classes; class error = mean ||target - pred(x_t, t, c)||^2 over the pairs it was scored
+on; adaptive elimination in stages. Rows (image, class, t) of several images go through the UNet
+together, up to `batch_rows` per pass; class conditioning is computed once per token set.
+`clip`: cosine of CLIP image and class-prompt text embeddings. `hybrid`: clip top-m, then
+diffusion among those.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from mcti.diffusion import noised, row_errors
+from mcti.errors import UserError
+from mcti.model import ModelBundle
+from mcti.tokens import TokenSet, TokenTable
+
+
+@dataclass
+class Scores:
+    """scores (B, K): -mean error (diffusion) or cosine (clip), higher is better; -inf where a
+    class was never scored. stage (B, K): how far each class got in elimination (survivors
+    highest); ranking is by stage, then score."""
+
+    scores: torch.Tensor
+    stage: torch.Tensor
+    unet_rows: int = 0
+
+    def ranking(self) -> torch.Tensor:
+        """(B, K) class indices, best first."""
+        by_score = self.scores.argsort(dim=1, descending=True, stable=True)
+        by_stage = self.stage.gather(1, by_score).argsort(dim=1, descending=True, stable=True)
+        return by_score.gather(1, by_stage)
+
+    def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, k) class indices best first, and their scores."""
+        idx = self.ranking()[:, : min(k, self.scores.shape[1])]
+        return idx, self.scores.gather(1, idx)
+
+
+def parse_schedule(
+    n_samples: str | list[int], to_keep: str | list[int], num_classes: int
+) -> tuple[list[int], list[int]]:
+    """Validate an elimination schedule; `to_keep` is clipped to the number of classes."""
+    try:
+        ns = (
+            [int(x) for x in n_samples.split(",")]
+            if isinstance(n_samples, str)
+            else list(n_samples)
+        )
+        tk = [int(x) for x in to_keep.split(",")] if isinstance(to_keep, str) else list(to_keep)
+    except ValueError as e:
+        raise UserError(f"--n-samples/--to-keep must be comma-separated integers ({e})") from e
+    if len(ns) != len(tk) or not ns:
+        raise UserError(f"--n-samples has {len(ns)} stages but --to-keep has {len(tk)}")
+    if any(n < 1 for n in ns) or any(b <= a for a, b in zip(ns, ns[1:], strict=False)):
+        raise UserError(f"--n-samples must be positive and increasing, got {ns}")
+    if tk[-1] != 1 or any(b > a for a, b in zip(tk, tk[1:], strict=False)) or min(tk) < 1:
+        raise UserError(f"--to-keep must be non-increasing and end with 1, got {tk}")
+    return ns, [min(k, num_classes) for k in tk]
+
+
+def timestep_grid(n: int, num_train_timesteps: int) -> list[int]:
+    """n evenly spaced timesteps (the Diffusion Classifier's `range(start, T, T // n)`)."""
+    T = num_train_timesteps
+    n = min(n, T)
+    return list(range(T // n // 2, T, T // n))[:n]
+
+
+class DiffusionScorer:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        tokens: TokenSet,
+        table: TokenTable,
+        n_samples: str | list[int] = "8,16,32",
+        to_keep: str | list[int] = "5,2,1",
+        batch_rows: int = 256,
+        template: str = "a photo of a {}",
+        seed: int = 0,
+    ):
+        if batch_rows < 1:
+            raise UserError("--batch-rows must be >= 1")
+        self.bundle, self.batch_rows, self.seed = bundle, batch_rows, seed
+        self.K = tokens.num_classes
+        self.n_samples, self.to_keep = parse_schedule(n_samples, to_keep, self.K)
+        self.cond = tokens.class_conditioning(table, template)  # (K, L, d), once per token set
+        # One grid of the largest stage's size; each stage takes an evenly spaced subset of it
+        # (cumulative), exactly like the reference implementation.
+        T = bundle.num_train_timesteps
+        self.grid = torch.tensor(timestep_grid(self.n_samples[-1], T))  # (N,)
+        self.stage_ids = [self._stage_ids(n) for n in self.n_samples]
+
+    def _stage_ids(self, n: int) -> list[int]:
+        """Grid indices of a stage with n samples: the reference's `grid[N//n//2::N//n][:n]`."""
+        N = len(self.grid)
+        return list(range(N))[N // n // 2 :: N // n][:n]
+
+    @torch.no_grad()
+    def score_latents(self, x0: torch.Tensor, candidates: torch.Tensor | None = None) -> Scores:
+        """x0 (B, C, h, w) -> Scores over all K classes. `candidates` (B, m) restricts the classes."""
+        B, dev, N = len(x0), x0.device, len(self.grid)
+        gen = torch.Generator().manual_seed(self.seed)
+        eps = torch.randn(N, *x0.shape[1:], generator=gen).to(dev)  # shared by all images/classes
+        t = self.grid.to(dev)
+        # pairs p = b * N + j
+        x_t, target = noised(
+            self.bundle, x0.repeat_interleave(N, 0), t.repeat(B), eps.repeat(B, 1, 1, 1)
+        )
+        err_sum = torch.zeros(B, self.K, device=dev)
+        n_done = torch.zeros(B, self.K, device=dev)
+        alive = torch.ones(B, self.K, dtype=torch.bool, device=dev)
+        if candidates is not None:
+            alive = torch.zeros_like(alive).scatter_(1, candidates.to(dev), True)
+        stage = torch.zeros(B, self.K, dtype=torch.long, device=dev)
+        done_ids: set[int] = set()
+        rows_run = 0
+        for s, (ids, keep) in enumerate(zip(self.stage_ids, self.to_keep, strict=True)):
+            new = torch.tensor(sorted(set(ids) - done_ids), dtype=torch.long, device=dev)
+            done_ids |= set(ids)
+            b, c = alive.nonzero(as_tuple=True)  # (A,) alive (image, class) pairs
+            if len(new):
+                # rows (alive pair, new t): pair index into x_t, class for conditioning
+                pair = (b.view(-1, 1) * N + new.view(1, -1)).reshape(-1)
+                cls = c.view(-1, 1).expand(-1, len(new)).reshape(-1)
+                errs = torch.cat(
+                    [
+                        row_errors(
+                            self.bundle,
+                            x_t,
+                            t.repeat(B),
+                            target,
+                            pair[i : i + self.batch_rows],
+                            self.cond[cls[i : i + self.batch_rows]],
+                        )
+                        for i in range(0, len(pair), self.batch_rows)
+                    ]
+                ).view(len(b), len(new))
+                rows_run += len(pair)
+                err_sum.index_put_((b, c), errs.sum(1), accumulate=True)
+                n_done.index_put_(
+                    (b, c), torch.full_like(b, len(new), dtype=torch.float), accumulate=True
+                )
+            stage[alive] = s + 1
+            mean = torch.where(alive, err_sum / n_done.clamp(min=1), torch.inf)
+            kth = mean.topk(min(keep, self.K), dim=1, largest=False).indices
+            alive = torch.zeros_like(alive).scatter_(1, kth, True) & alive
+        stage[alive] += 1  # the final survivor(s)
+        scores = torch.where(n_done > 0, -err_sum / n_done.clamp(min=1), -torch.inf)
+        return Scores(scores.cpu(), stage.cpu(), rows_run)
+
+
+class ClipScorer:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        tokens: TokenSet,
+        table: TokenTable,
+        template: str = "a photo of a {}",
+    ):
+        self.bundle = bundle
+        with torch.no_grad():
+            self.text = tokens.clip_text_features(
+                table, [tokens.prompt(k, template) for k in range(tokens.num_classes)]
+            )  # (K, P)
+
+    @torch.no_grad()
+    def score_pixels(self, pixels: torch.Tensor) -> Scores:
+        sims = (self.bundle.clip_image_features(pixels) @ self.text.T).float().cpu()  # (B, K)
+        return Scores(sims, torch.zeros_like(sims, dtype=torch.long), 0)
+
+
+class Classifier:
+    """One entry point for all scorers: `score(pixels)` on (B, 3, H, W) in [-1, 1]."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        tokens: TokenSet,
+        table: TokenTable,
+        scorer: str = "diffusion",
+        hybrid_m: int = 10,
+        **diffusion_kw,
+    ):
+        if scorer not in ("diffusion", "clip", "hybrid"):
+            raise UserError(f"--scorer must be diffusion, clip or hybrid, not '{scorer}'")
+        self.bundle, self.kind, self.hybrid_m = bundle, scorer, hybrid_m
+        self.K = tokens.num_classes
+        template = diffusion_kw.get("template", "a photo of a {}")
+        self.clip = (
+            ClipScorer(bundle, tokens, table, template) if scorer in ("clip", "hybrid") else None
+        )
+        if scorer != "clip":
+            if scorer == "hybrid":
+                m = min(hybrid_m, self.K)
+                tk = diffusion_kw.get("to_keep", "5,2,1")
+                tk = [int(x) for x in tk.split(",")] if isinstance(tk, str) else list(tk)
+                diffusion_kw["to_keep"] = [min(k, m) for k in tk]
+            self.diffusion = DiffusionScorer(bundle, tokens, table, **diffusion_kw)
+
+    @torch.no_grad()
+    def score(self, pixels: torch.Tensor) -> Scores:
+        if self.kind == "clip":
+            return self.clip.score_pixels(pixels)
+        x0 = self.bundle.encode_images(pixels)
+        if self.kind == "diffusion":
+            return self.diffusion.score_latents(x0)
+        pre = self.clip.score_pixels(pixels)
+        cand = pre.scores.topk(min(self.hybrid_m, self.K), dim=1).indices
+        return self.diffusion.score_latents(x0, candidates=cand)

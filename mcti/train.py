@@ -1,0 +1,267 @@
+"""Single-process training of class tokens (`mcti train`), with atomic, resumable checkpoints.
+
+The pieces (`prepare`, `Checkpoint`, `train_step`) are shared with the DeepSpeed loop in
+`training/`, which runs the same objective on shards of the same global batch.
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from mcti.atomic import atomic_save_safetensors, atomic_write_json
+from mcti.config import TrainArgs
+from mcti.data import ImageFolder, few_shot, load_images, scan_folder
+from mcti.errors import UserError
+from mcti.model import ModelBundle, load_model
+from mcti.objectives import Objective, ObjectiveSettings, sample_draws
+from mcti.store import save_tokens
+from mcti.tokens import TokenSet, TokenTable
+
+
+def settings_of(cfg: TrainArgs) -> ObjectiveSettings:
+    if cfg.method not in ("mcti", "ti"):
+        raise UserError(f"--method must be mcti or ti, not '{cfg.method}'")
+    if cfg.reg not in ("denoise", "clip"):
+        raise UserError(f"--reg must be denoise or clip, not '{cfg.reg}'")
+    if not 0 <= cfg.disc_t_min < cfg.disc_t_max <= 1:
+        raise UserError("need 0 <= --disc-t-min < --disc-t-max <= 1")
+    for name in ("steps", "batch_size", "draws", "n_vectors", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    return ObjectiveSettings(
+        method=cfg.method,
+        reg=cfg.reg,
+        negatives=cfg.negatives,
+        draws=cfg.draws,
+        tau=cfg.tau,
+        alpha=cfg.alpha,
+        gamma=cfg.gamma,
+        standardize=not cfg.no_standardize,
+        disc_t_min=cfg.disc_t_min,
+        disc_t_max=cfg.disc_t_max,
+        prototype=cfg.prototype,
+        flip=cfg.flip,
+    )
+
+
+@dataclass
+class Prepared:
+    """Everything a training loop needs, computed once (latents are cached, not recomputed)."""
+
+    bundle: ModelBundle
+    data: ImageFolder
+    shot_paths: list[str]
+    labels: torch.Tensor  # (N,) class of each shot
+    latents: torch.Tensor  # (2, N, C, h, w): unflipped, flipped
+    image_embeds: torch.Tensor | None  # (N, P) CLIP embeddings (clip reg)
+    tokens: TokenSet
+    table: TokenTable
+    objective: Objective
+
+
+def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = False) -> Prepared:
+    settings = settings_of(cfg)
+    data = scan_folder(cfg.data)
+    if bundle is None:
+        bundle = load_model(cfg.model, cfg.device, cfg.precision, cfg.attention, cfg.clip)
+    if settings.method == "mcti" and settings.reg == "clip":
+        bundle.require_clip()
+    picked = few_shot(data, cfg.shots, cfg.seed)
+    pixels, kept = load_images(data, picked, bundle.resolution, quiet=quiet)  # (N, 3, H, W)
+    labels = torch.tensor([data.labels[i] for i in kept])
+    missing = sorted(set(range(len(data.classes))) - set(labels.tolist()))
+    if missing:
+        raise UserError(f"class '{data.classes[missing[0]]}' has no readable image")
+    with torch.no_grad():
+        latents = torch.stack(
+            [_encode_chunked(bundle, pixels), _encode_chunked(bundle, pixels.flip(-1))]
+        ).cpu()
+    image_embeds = class_embeds = counts = None
+    if settings.method == "mcti" and settings.reg == "clip":
+        image_embeds = bundle.clip_image_features(pixels).cpu()
+        K = len(data.classes)
+        counts = torch.bincount(labels, minlength=K)
+        class_embeds = torch.zeros(K, int(counts.max()), image_embeds.shape[1])
+        for k in range(K):
+            class_embeds[k, : counts[k]] = image_embeds[labels == k]
+    tokens = TokenSet(bundle, len(data.classes), cfg.n_vectors)
+    table = TokenTable(len(data.classes), cfg.n_vectors, tokens.init_vector(cfg.init_word))
+    table.to(bundle.device)
+    objective = Objective(bundle, tokens, settings, class_embeds, counts)
+    return Prepared(
+        bundle,
+        data,
+        [data.paths[i] for i in kept],
+        labels,
+        latents,
+        image_embeds,
+        tokens,
+        table,
+        objective,
+    )
+
+
+def _encode_chunked(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    return torch.cat(
+        [bundle.encode_images(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)]
+    )
+
+
+def global_batch(p: Prepared, batch_size: int, gen: torch.Generator, hard_weights=None) -> dict:
+    """Pick a global batch of shots and all its random draws (identical on every rank)."""
+    idx = torch.randint(len(p.labels), (batch_size,), generator=gen)
+    labels = p.labels[idx]
+    draws = sample_draws(
+        p.objective.s,
+        labels,
+        p.tokens.num_classes,
+        tuple(p.latents.shape[2:]),
+        p.bundle.num_train_timesteps,
+        gen,
+        hard_weights,
+    )
+    return {"idx": idx, "labels": labels, **draws}
+
+
+def batch_loss(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Loss of a (local) batch as made by `global_batch` (or a shard of it)."""
+    idx = batch["idx"]
+    x0 = p.latents[batch["flip"].long(), idx].to(p.bundle.device)  # (B, C, h, w)
+    embeds = p.image_embeds[idx] if p.image_embeds is not None else None
+    draws = {k: v for k, v in batch.items() if k not in ("idx", "labels")}
+    return p.objective.loss(p.table, x0, batch["labels"], draws, embeds)
+
+
+class Checkpoint:
+    """OUT/checkpoint/{state.safetensors,state.json}: tokens, AdamW moments, RNG, step."""
+
+    def __init__(self, out: str | Path):
+        self.dir = Path(out) / "checkpoint"
+
+    def exists(self) -> bool:
+        return (self.dir / "state.json").is_file()
+
+    def save(
+        self,
+        step: int,
+        table: TokenTable,
+        opt: torch.optim.Optimizer,
+        gen: torch.Generator,
+        fingerprint: dict,
+    ) -> None:
+        st = opt.state[table.vectors] if table.vectors in opt.state else {}
+        tensors = {"vectors": table.vectors.detach(), "rng": gen.get_state()}
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                tensors[k] = st[k]
+        atomic_save_safetensors(self.dir / "state.safetensors", tensors)
+        adam_step = float(st["step"]) if "step" in st else 0.0
+        atomic_write_json(
+            self.dir / "state.json", {"step": step, "adam_step": adam_step, "run": fingerprint}
+        )
+
+    def load(
+        self, table: TokenTable, opt: torch.optim.Optimizer, gen: torch.Generator, fingerprint: dict
+    ) -> int:
+        meta = json.loads((self.dir / "state.json").read_text())
+        if meta["run"] != fingerprint:
+            diff = [k for k in fingerprint if meta["run"].get(k) != fingerprint[k]]
+            raise UserError(
+                f"checkpoint in {self.dir} is from a different run (differs in: {', '.join(diff)})"
+            )
+        t = load_file(str(self.dir / "state.safetensors"))
+        with torch.no_grad():
+            table.vectors.copy_(t["vectors"])
+        gen.set_state(t["rng"])
+        if "exp_avg" in t:
+            opt.state[table.vectors] = {
+                "step": torch.tensor(meta["adam_step"]),
+                "exp_avg": t["exp_avg"].to(table.vectors.device),
+                "exp_avg_sq": t["exp_avg_sq"].to(table.vectors.device),
+            }
+        return meta["step"]
+
+
+def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
+    """What must match for a checkpoint to continue this run."""
+    keep = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("steps", "save_every", "resume", "quiet", "out", "device")
+    }
+    return {
+        "config": json.dumps(keep, sort_keys=True),
+        "base_model": p.bundle.fingerprint,
+        "shots": json.dumps(p.shot_paths),
+    }
+
+
+def export(cfg: TrainArgs, p: Prepared, step: int, extra: dict | None = None) -> None:
+    save_tokens(
+        cfg.out,
+        p.table,
+        p.data.classes,
+        p.bundle,
+        {
+            "method": cfg.method,
+            "reg": cfg.reg if cfg.method == "mcti" else None,
+            "steps": step,
+            "settings": asdict(cfg),
+            "data_root": str(Path(cfg.data).resolve()),
+            "train_files": p.shot_paths,
+            **(extra or {}),
+        },
+    )
+
+
+def train(cfg: TrainArgs, bundle: ModelBundle | None = None) -> Prepared:
+    """Train tokens and write them to cfg.out; returns the prepared state (for tests)."""
+    out = Path(cfg.out)
+    ckpt = Checkpoint(out)
+    if ckpt.exists() and not cfg.resume:
+        raise UserError(
+            f"'{out}' already holds a checkpoint: pass --resume to continue it, or pick a new --out"
+        )
+    p = prepare(cfg, bundle, quiet=cfg.quiet)
+    opt = torch.optim.AdamW([p.table.vectors], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    fp = run_fingerprint(cfg, p)
+    step = ckpt.load(p.table, opt, gen, fp) if (cfg.resume and ckpt.exists()) else 0
+    log = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        disable=cfg.quiet,
+        desc=f"train {cfg.method}",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        loss, metrics = batch_loss(p, global_batch(p, cfg.batch_size, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
+        with open(log, "a") as f:
+            f.write(
+                json.dumps(
+                    {"step": step, **metrics, "elapsed_s": round(time.perf_counter() - t0, 3)}
+                )
+                + "\n"
+            )
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            ckpt.save(step, p.table, opt, gen, fp)
+            export(cfg, p, step)
+    bar.close()
+    if not (out / "classes.json").is_file():  # resumed a finished run
+        export(cfg, p, step)
+    return p
