@@ -68,7 +68,7 @@ def evaluate(
     unknown = sorted(set(data.classes) - set(labels))
     if unknown:
         raise UserError(f"data has label(s) not in the token set: {', '.join(unknown[:5])}")
-    pixels, kept = load_images(data, indices, loaded.bundle.resolution, quiet=quiet)
+    pixels, kept = load_images(data, indices, loaded.bundle.resolution)
     truth = torch.tensor([labels.index(data.classes[data.labels[i]]) for i in kept])
     t0 = time.perf_counter()
     s = score_all(loaded, pixels, batch, desc="eval", quiet=quiet)
@@ -84,7 +84,7 @@ def evaluate(
         if n:
             per_class[label] = float(confusion[k, k]) / n
     out = {
-        "accuracy": float((pred == truth).float().mean()),
+        "accuracy": int((pred == truth).sum()) / len(kept),
         "per_class": per_class,
         "n_images": len(kept),
         "n_skipped": len(data.skipped),
@@ -97,7 +97,7 @@ def evaluate(
         "files": [data.paths[i] for i in kept],
     }
     if K > 5:
-        out["top5"] = float((ranking[:, :5] == truth.view(-1, 1)).any(1).float().mean())
+        out["top5"] = int((ranking[:, :5] == truth.view(-1, 1)).any(1).sum()) / len(kept)
     return out
 
 
@@ -130,7 +130,7 @@ def plot_confusion(result: dict, path: str | Path, title: str = "") -> None:
     from mcti.atomic import atomic_write
 
     cm = torch.tensor(result["confusion"], dtype=torch.float)
-    norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    norm = (cm / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
     labels = result["labels"]
     K = len(labels)
     size = max(4.0, 0.45 * K + 2)
@@ -143,7 +143,7 @@ def plot_confusion(result: dict, path: str | Path, title: str = "") -> None:
     if K <= 20:
         for i in range(K):
             for j in range(K):
-                if cm[i, j]:
+                if cm[i, j] > 0:
                     ax.text(
                         j,
                         i,

@@ -97,15 +97,13 @@ class ModelBundle:
 
 
 def fingerprint_of(text_encoder: nn.Module, unet: nn.Module, tokenizer) -> str:
-    """Short hash that identifies a base model: configs plus a few weight tensors."""
-
-    def stable(cfg: dict) -> bytes:  # drop bookkeeping keys ("_name_or_path", versions, ...)
-        keep = {k: v for k, v in cfg.items() if not k.startswith("_") and "version" not in k}
-        return json.dumps(keep, sort_keys=True, default=str).encode()
-
+    """Short hash that identifies a base model by its weights (not by configs or paths, which
+    change when a model is saved, moved or re-serialized): parameter names and shapes plus a
+    few weight tensors."""
     h = hashlib.sha256()
-    h.update(stable(text_encoder.config.to_dict()))
-    h.update(stable(dict(unet.config)))
+    for module in (text_encoder, unet):
+        for name, p in sorted(module.state_dict().items()):
+            h.update(f"{name}:{tuple(p.shape)};".encode())
     h.update(str(len(tokenizer)).encode())
     for t in (
         text_encoder.get_input_embeddings().weight[:256],

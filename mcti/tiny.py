@@ -47,7 +47,7 @@ def build_clip_tokenizer(words: list[str] | tuple[str, ...] = TINY_WORDS):
                 vocab[merged] = len(vocab)
                 merges.append((left, right))
             left = merged
-    return CLIPTokenizer(vocab=vocab, merges=merges)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def build_tiny_random(seed: int = 0) -> dict:

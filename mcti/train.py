@@ -72,7 +72,7 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
     if settings.method == "mcti" and settings.reg == "clip":
         bundle.require_clip()
     picked = few_shot(data, cfg.shots, cfg.seed)
-    pixels, kept = load_images(data, picked, bundle.resolution, quiet=quiet)  # (N, 3, H, W)
+    pixels, kept = load_images(data, picked, bundle.resolution)  # (N, 3, H, W); warns on skips
     labels = torch.tensor([data.labels[i] for i in kept])
     missing = sorted(set(range(len(data.classes))) - set(labels.tolist()))
     if missing:

@@ -1,0 +1,40 @@
+"""Shared fixtures: a synthetic labelled image folder and the tiny-random model (CPU, fp32)."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+COLORS = [(220, 40, 40), (40, 40, 220), (40, 200, 40), (200, 200, 40)]
+
+
+def make_image_folder(
+    root: Path, n_classes: int = 3, per_class: int = 6, size: int = 32, seed: int = 0
+) -> Path:
+    """root/sku-XXXX/imgN.png: a coloured square per class on noise (opaque labels)."""
+    rng = np.random.default_rng(seed)
+    for k in range(n_classes):
+        d = root / f"sku-{k:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+            lo, hi = size // 4, 3 * size // 4
+            a[lo:hi, lo:hi] = COLORS[k % len(COLORS)]
+            Image.fromarray(a).save(d / f"img{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle():
+    from mcti.model import load_model
+
+    return load_model("tiny-random", device="cpu")

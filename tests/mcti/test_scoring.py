@@ -1,0 +1,96 @@
+"""Diffusion scorer vs a plain per-(image, class, t) loop; schedule validation; hybrid/clip."""
+
+import pytest
+import torch
+
+from mcti.errors import UserError
+from mcti.scoring import Classifier, DiffusionScorer, parse_schedule, timestep_grid
+from mcti.tokens import TokenSet, TokenTable
+
+
+@pytest.fixture(scope="module")
+def token_set(tiny_bundle):
+    tokens = TokenSet(tiny_bundle, num_classes=4)
+    table = TokenTable(4, 1, tokens.init_vector("object"))
+    with torch.no_grad():
+        table.vectors.normal_(std=2.0, generator=torch.Generator().manual_seed(0))
+    return tokens, table
+
+
+def loop_errors(bundle, tokens, table, x0, ts, eps):
+    """Reference: one UNet call per (image, class, t), plain MSE, float64 accumulation."""
+    ac = bundle.scheduler.alphas_cumprod
+    out = torch.zeros(len(x0), tokens.num_classes, dtype=torch.float64)
+    for b in range(len(x0)):
+        for k in range(tokens.num_classes):
+            cond, _ = tokens.encode(table, [tokens.prompt(k)])
+            for j, t in enumerate(ts):
+                a = ac[t]
+                x_t = a.sqrt() * x0[b : b + 1] + (1 - a).sqrt() * eps[j : j + 1]
+                pred = bundle.unet(x_t, torch.tensor([t]), encoder_hidden_states=cond).sample
+                out[b, k] += ((pred.double() - eps[j : j + 1].double()) ** 2).mean() / len(ts)
+    return out
+
+
+@torch.no_grad()
+def test_exhaustive_scores_match_plain_loop(tiny_bundle, token_set):
+    tokens, table = token_set
+    x0 = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    scorer = DiffusionScorer(
+        tiny_bundle, tokens, table, n_samples=[5], to_keep=[1], batch_rows=7, seed=11
+    )
+    s = scorer.score_latents(x0)
+    eps = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(11))
+    ref = loop_errors(tiny_bundle, tokens, table, x0, timestep_grid(5, 1000), eps)
+    torch.testing.assert_close(-s.scores.double(), ref, atol=1e-5, rtol=1e-4)
+    assert s.unet_rows == 3 * 4 * 5
+    assert torch.equal(s.ranking()[:, 0], ref.argmin(1))
+
+
+@torch.no_grad()
+def test_elimination_keeps_the_best_and_is_deterministic(tiny_bundle, token_set):
+    tokens, table = token_set
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    kw = dict(n_samples=[2, 4, 8], to_keep=[3, 2, 1], seed=5)
+    a = DiffusionScorer(tiny_bundle, tokens, table, batch_rows=5, **kw).score_latents(x0)
+    b = DiffusionScorer(tiny_bundle, tokens, table, batch_rows=64, **kw).score_latents(x0)
+    torch.testing.assert_close(a.scores, b.scores)  # batching does not change results
+    assert torch.equal(a.ranking(), b.ranking())
+    # grid of 8 t; stage 1 takes t-indices {2, 6} for 4 classes, stage 2 {1, 3, 5, 7} (all new)
+    # for 3 classes, stage 3 the remaining {0, 4} for 2 classes: the reference's subsets
+    assert a.unet_rows == 2 * (4 * 2 + 3 * 4 + 2 * 2)
+    assert (a.stage.max(1).values == 4).all() and ((a.stage == 4).sum(1) == 1).all()
+    # the winner has the lowest error among the two finalists on the full grid
+    exhaustive = DiffusionScorer(
+        tiny_bundle, tokens, table, n_samples=[8], to_keep=[1], seed=5
+    ).score_latents(x0)
+    for i in range(2):
+        finalists = (a.stage[i] >= 3).nonzero().flatten()
+        best = finalists[exhaustive.scores[i, finalists].argmax()]
+        assert a.ranking()[i, 0] == best
+
+
+def test_schedule_validation():
+    assert parse_schedule("2,4", "3,1", num_classes=2) == ([2, 4], [2, 1])
+    for ns, tk in [("4,2", "2,1"), ("2,4", "1"), ("2,4", "2,2"), ("a", "1"), ("2,4", "1,2")]:
+        with pytest.raises(UserError):
+            parse_schedule(ns, tk, num_classes=5)
+
+
+@torch.no_grad()
+def test_hybrid_only_scores_clip_candidates(tiny_bundle, token_set):
+    tokens, table = token_set
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    clip = Classifier(tiny_bundle, tokens, table, scorer="clip").score(pixels)
+    hyb = Classifier(
+        tiny_bundle, tokens, table, scorer="hybrid", hybrid_m=2, n_samples=[2, 4], to_keep=[2, 1]
+    ).score(pixels)
+    top2 = clip.scores.topk(2, dim=1).indices
+    for i in range(2):
+        scored = torch.isfinite(hyb.scores[i]).nonzero().flatten().sort().values
+        assert torch.equal(scored, top2[i].sort().values)
+        assert hyb.ranking()[i, 0] in top2[i]
+    # clip scores are cosines against the class-prompt text features
+    text = tokens.clip_text_features(table, [tokens.prompt(k) for k in range(4)])
+    ref = tiny_bundle.clip_image_features(pixels) @ text.T
+    torch.testing.assert_close(clip.scores, ref)
