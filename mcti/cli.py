@@ -29,10 +29,10 @@ def cmd_train(a: TrainArgs) -> None:
 
 
 def cmd_eval(a: EvalArgs) -> None:
-    from mcti.data import scan_folder
+    from mcti.datasets import open_dataset
     from mcti.evaluate import eval_indices, evaluate, load_classifier, plot_confusion
 
-    data = scan_folder(a.data, min_classes=1)
+    data = open_dataset(a.data, "test", min_classes=1)
     loaded = load_classifier(a)
     idx = eval_indices(data, loaded.meta, a.include_train, a.limit)
     r = evaluate(loaded, data, idx, a.batch_images, quiet=a.json)
@@ -43,12 +43,7 @@ def cmd_eval(a: EvalArgs) -> None:
         return
     print(f"\n{'label':<24} {'accuracy':>9} {'n':>5}")
     for label, acc in r["per_class"].items():
-        n = sum(
-            1
-            for f, p in zip(r["files"], r["predictions"], strict=True)
-            if f.split(os.sep)[0] == label
-        )
-        print(f"{label:<24} {acc:>9.1%} {n:>5}")
+        print(f"{label:<24} {acc:>9.1%} {r['per_class_n'][label]:>5}")
     line = f"\naccuracy {r['accuracy']:.1%} on {r['n_images']} images ({r['scorer']} scorer)"
     if "top5" in r:
         line += f", top-5 {r['top5']:.1%}"

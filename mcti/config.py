@@ -20,7 +20,7 @@ class ModelArgs:
 @dataclass
 class TrainArgs(ModelArgs):
     data: str = ""
-    """Image-folder tree DATA/<label>/<image>; labels are opaque keys, never read as text."""
+    """Image-folder tree DATA/<label>/<image> (labels are opaque keys, never read as text), or a benchmark `coop:<name>:<root>` (see README)."""
     out: str = ""
     """Output token directory (learned_embeds.safetensors, classes.json, checkpoint/)."""
     method: str = "mcti"
@@ -98,7 +98,7 @@ class ScoreArgs(ModelArgs):
 @dataclass
 class EvalArgs(ScoreArgs):
     data: str = ""
-    """Labelled image-folder tree DATA/<label>/<image>; labels must be those of the tokens."""
+    """Labelled image-folder tree DATA/<label>/<image> (labels must be those of the tokens), or `coop:<name>:<root>` (its test split)."""
     include_train: bool = False
     """Also evaluate the images the tokens were trained on (excluded by default)."""
     limit: int = 0

@@ -78,14 +78,16 @@ def evaluate(
     K = len(labels)
     confusion = torch.zeros(K, K, dtype=torch.long)
     confusion.index_put_((truth, pred), torch.ones_like(truth), accumulate=True)
-    per_class = {}
+    per_class, per_class_n = {}, {}
     for k, label in enumerate(labels):
         n = int((truth == k).sum())
         if n:
             per_class[label] = float(confusion[k, k]) / n
+            per_class_n[label] = n
     out = {
         "accuracy": int((pred == truth).sum()) / len(kept),
         "per_class": per_class,
+        "per_class_n": per_class_n,
         "n_images": len(kept),
         "n_skipped": len(data.skipped),
         "images_per_s": len(kept) / seconds,

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from mcti.atomic import atomic_save_safetensors, atomic_write_json
 from mcti.config import TrainArgs
-from mcti.data import ImageFolder, few_shot, load_images, scan_folder
+from mcti.data import ImageFolder, load_images
+from mcti.datasets import open_dataset, pick_shots
 from mcti.errors import UserError
 from mcti.model import ModelBundle, load_model
 from mcti.objectives import Objective, ObjectiveSettings, sample_draws
@@ -66,12 +67,12 @@ class Prepared:
 
 def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = False) -> Prepared:
     settings = settings_of(cfg)
-    data = scan_folder(cfg.data)
+    data = open_dataset(cfg.data, "train")
     if bundle is None:
         bundle = load_model(cfg.model, cfg.device, cfg.precision, cfg.attention, cfg.clip)
     if settings.method == "mcti" and settings.reg == "clip":
         bundle.require_clip()
-    picked = few_shot(data, cfg.shots, cfg.seed)
+    picked = pick_shots(data, cfg.shots, cfg.seed)  # CoOp's sampling for coop: specs
     pixels, kept = load_images(data, picked, bundle.resolution)  # (N, 3, H, W); warns on skips
     labels = torch.tensor([data.labels[i] for i in kept])
     missing = sorted(set(range(len(data.classes))) - set(labels.tolist()))
@@ -212,7 +213,7 @@ def export(cfg: TrainArgs, p: Prepared, step: int, extra: dict | None = None) ->
             "reg": cfg.reg if cfg.method == "mcti" else None,
             "steps": step,
             "settings": asdict(cfg),
-            "data_root": str(Path(cfg.data).resolve()),
+            "data_root": str(p.data.root.resolve()),
             "train_files": p.shot_paths,
             **(extra or {}),
         },

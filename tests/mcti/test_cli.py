@@ -256,6 +256,9 @@ def test_user_mistakes_are_one_line_errors(trained, capsys, tmp_path):
             *TRAIN[:-4],
         ],
         "already holds a checkpoint": ["train", "--data", str(data), "--out", str(tok), *TRAIN],
+        "--attention xformers cannot run here": ["eval", "--attention", "xformers", "--device", "cpu", "--tokens", str(tok), "--data", str(data)],
+        "--method must be": ["train", "--method", "dreambooth", "--data", str(data), "--out", str(tmp_path / "o6"), *TRAIN],
+        "--scorer must be": ["classify", "--scorer", "knn", "--tokens", str(tok), str(data / "sku-0000" / "img0.png"), "--device", "cpu"],
     }
     for expected, argv in cases.items():
         line = run_err(capsys, argv)

@@ -1,0 +1,210 @@
+"""The paper's claim, measured: TI vs MC-TI (denoise, clip) on real data with the embedded model.
+
+For each task (seen concepts: named in pretraining captions, names unused by the method; novel
+concepts: never in pretraining) and each shot seed: pick `--shots` training images per class and
+`--per-class` disjoint test images from the held-out split (mcti.realdata), train TI, MC-TI
+denoise and MC-TI clip tokens, and score the test images with the diffusion and clip scorers.
+Baselines on the same frozen model: linear probe and nearest class mean on the CLIP vision
+features of the same shots; zero-shot with the true names (seen only). Generation: the fraction
+of images drawn from each class token that an independent classifier (logistic regression on
+pixels, trained on other real held-out images) assigns to that class.
+Writes a JSON of everything and a markdown table (mean +- std over seeds; paired t-test of MC-TI
+vs TI over seeds, and McNemar's test on the pooled per-image outcomes).
+
+    python benchmarks/accuracy.py --seeds 0,1,2 --shots 5 --out runs/accuracy
+"""
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mcti.config import EvalArgs, TrainArgs
+from mcti.data import scan_folder
+from mcti.evaluate import evaluate, load_classifier
+from mcti.generate import generate
+from mcti.model import load_model
+from mcti.realdata import load_split
+from mcti.store import load_tokens
+from mcti.train import train
+
+TASKS = {
+    # name: [(dataset, "seen" | "novel")]
+    "seen": [("fashion-mnist", "seen")],
+    "novel": [("animal-mnist", "novel"), ("fashion-mnist", "novel")],
+}
+METHODS = {"TI": dict(method="ti"), "MC-TI denoise": dict(method="mcti", reg="denoise"), "MC-TI clip": dict(method="mcti", reg="clip")}
+
+
+def write_task(task: str, seed: int, shots: int, per_class: int, size: int, root: Path) -> dict:
+    """train/, test/ and gen-ref arrays for one task and shot seed; opaque keys k00, k01..."""
+    rng = np.random.default_rng(1000 + seed)
+    classes, train_x, test_x, ref_x, ref_y = [], [], [], [], []
+    for ds, which in TASKS[task]:
+        s = load_split(ds)
+        for k in s.seen if which == "seen" else s.novel:
+            idx = rng.permutation(s.held_out[s.labels[s.held_out] == k])
+            classes.append(s.names[k])
+            train_x.append(s.images[idx[:shots]])
+            test_x.append(s.images[idx[shots : shots + per_class]])
+            ref = s.images[idx[shots + per_class : shots + per_class + 200]]
+            ref_x.append(ref)
+            ref_y += [len(classes) - 1] * len(ref)
+    for part, arrays in (("train", train_x), ("test", test_x)):
+        for j, arr in enumerate(arrays):
+            d = root / part / f"k{j:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i, im in enumerate(arr):
+                Image.fromarray(im).convert("RGB").save(d / f"{i:04d}.png")
+    return {"names": classes, "ref_x": np.concatenate(ref_x), "ref_y": np.array(ref_y)}
+
+
+def pixels_for_probe(images: np.ndarray, size: int) -> np.ndarray:
+    t = torch.from_numpy(images).float().unsqueeze(1) / 255.0
+    return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True).flatten(1).numpy()
+
+
+def load_folder_pixels(folder: Path, size: int):
+    from mcti.data import load_images
+
+    data = scan_folder(folder, min_classes=1)
+    x, kept = load_images(data, list(range(len(data))), size)
+    return x, torch.tensor([data.labels[i] for i in kept])
+
+
+def baselines(bundle, task_dir: Path, names: list[str], seen: bool, args) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    from mcti.pretrain import true_name_classifier
+
+    xtr, ytr = load_folder_pixels(task_dir / "train", bundle.resolution)
+    xte, yte = load_folder_pixels(task_dir / "test", bundle.resolution)
+    out = {}
+    if bundle.clip is not None:
+        ftr, fte = bundle.clip_image_features(xtr).cpu(), bundle.clip_image_features(xte).cpu()
+        probe = LogisticRegression(max_iter=2000, C=10.0).fit(ftr.numpy(), ytr.numpy())
+        out["linear probe (CLIP image features)"] = (torch.from_numpy(probe.predict(fte.numpy())) == yte).tolist()
+        means = torch.nn.functional.normalize(torch.stack([ftr[ytr == k].mean(0) for k in range(len(names))]), dim=-1)
+        out["nearest class mean (CLIP image features)"] = ((fte @ means.T).argmax(1) == yte).tolist()
+    if seen:
+        for scorer in ("diffusion", "clip") if bundle.clip is not None else ("diffusion",):
+            kw = {} if scorer == "clip" else dict(n_samples=args.n_samples, to_keep=args.to_keep, batch_rows=args.batch_rows, seed=0)
+            clf = true_name_classifier(bundle, names, scorer, **kw)
+            pred = torch.cat([clf.score(xte[i : i + 16]).ranking()[:, 0] for i in range(0, len(xte), 16)])
+            out[f"zero-shot true names ({scorer})"] = (pred == yte).tolist()
+    return out
+
+
+def generation_score(bundle, tok_dir: Path, ref_x: np.ndarray, ref_y: np.ndarray, n: int) -> float:
+    """Fraction of generated images that a pixel classifier trained on real images assigns to
+    the class whose token drew them."""
+    from sklearn.linear_model import LogisticRegression
+
+    size = bundle.resolution
+    clf = LogisticRegression(max_iter=3000, C=1.0).fit(pixels_for_probe(ref_x, size), ref_y)
+    tokens, table, labels, _ = load_tokens(tok_dir, bundle)
+    hits = 0
+    for k in range(len(labels)):
+        imgs = generate(bundle, tokens, table, k, n=n, steps=20, guidance=3.0, seed=k)  # (n, 3, H, W)
+        grey = ((imgs.mean(1) + 1) * 127.5).clamp(0, 255).byte().numpy()
+        hits += int((clf.predict(pixels_for_probe(grey, size)) == k).sum())
+    return hits / (n * len(labels))
+
+
+def mcnemar_p(a: list[bool], b: list[bool]) -> float:
+    """Exact two-sided McNemar test on paired per-image outcomes."""
+    n01 = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    n10 = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    n = n01 + n10
+    if n == 0:
+        return 1.0
+    k = min(n01, n10)
+    p = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * p)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--per-class", type=int, default=20, help="test images per class")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--draws", type=int, default=2)
+    p.add_argument("--negatives", type=int, default=4)
+    p.add_argument("--tasks", default="seen,novel")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--n-samples", default="6,12")
+    p.add_argument("--to-keep", default="3,1")
+    p.add_argument("--batch-rows", type=int, default=512)
+    p.add_argument("--gen-n", type=int, default=8, help="generated images per class (0: skip)")
+    p.add_argument("--out", default="runs/accuracy")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    bundle = load_model(args.model, device="cpu")
+    results = {"args": vars(args), "runs": []}
+    t_start = time.time()
+    for task in args.tasks.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            d = out / f"{task}-seed{seed}"
+            info = write_task(task, seed, args.shots, args.per_class, bundle.resolution, d)
+            run = {"task": task, "seed": seed, "classes": len(info["names"]), "correct": {}, "generation": {}}
+            run["correct"].update(baselines(bundle, d, info["names"], task == "seen", args))
+            for name in args.methods.split(","):
+                tok = d / ("tok-" + name.replace(" ", "-"))
+                if bundle.clip is None and "clip" in name:
+                    continue
+                if not (tok / "classes.json").is_file():
+                    train(TrainArgs(model=args.model, data=str(d / "train"), out=str(tok), shots=args.shots, steps=args.steps, batch_size=args.batch_size, lr=args.lr, gamma=args.gamma, tau=args.tau, draws=args.draws, negatives=args.negatives, seed=seed, quiet=True, device="cpu", save_every=args.steps, **METHODS[name]), bundle=bundle)
+                for scorer in ("diffusion", "clip") if bundle.clip is not None else ("diffusion",):
+                    ea = EvalArgs(model=args.model, tokens=str(tok), data=str(d / "test"), scorer=scorer, n_samples=args.n_samples, to_keep=args.to_keep, batch_rows=args.batch_rows, device="cpu")
+                    loaded = load_classifier(ea, bundle)
+                    test = scan_folder(d / "test", min_classes=1)
+                    r = evaluate(loaded, test, list(range(len(test))), 16, quiet=True)
+                    truth = [f.split("/")[0] for f in r["files"]]
+                    run["correct"][f"{name} ({scorer})"] = [a == b for a, b in zip(r["predictions"], truth, strict=True)]
+                if args.gen_n and name in ("TI", "MC-TI denoise"):
+                    run["generation"][name] = generation_score(bundle, tok, info["ref_x"], info["ref_y"], args.gen_n)
+            results["runs"].append(run)
+            print(f"[{time.time() - t_start:.0f}s] {task} seed {seed}: " + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in run["correct"].items()), flush=True)
+            (out / "results.json").write_text(json.dumps(results))
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    from scipy.stats import ttest_rel
+
+    lines = []
+    for task in sorted({r["task"] for r in results["runs"]}, key=lambda t: list(TASKS).index(t)):
+        runs = [r for r in results["runs"] if r["task"] == task]
+        lines += [f"\n**{task} concepts** ({runs[0]['classes']} classes, {len(runs)} shot seeds, {len(runs[0]['correct'][next(iter(runs[0]['correct']))])} test images per seed)\n", "| method (scorer) | accuracy mean ± std | generation score |", "|---|---|---|"]
+        for key in runs[0]["correct"]:
+            accs = [float(np.mean(r["correct"][key])) for r in runs]
+            gen = [r["generation"].get(key.split(" (")[0]) for r in runs]
+            g = f"{np.mean(gen):.1%}" if all(x is not None for x in gen) and key.endswith("(diffusion)") else ""
+            lines.append(f"| {key} | {np.mean(accs):.1%} ± {np.std(accs):.1%} | {g} |")
+        for scorer in ("diffusion", "clip"):
+            for mc in ("MC-TI denoise", "MC-TI clip"):
+                a, b = f"TI ({scorer})", f"{mc} ({scorer})"
+                if a in runs[0]["correct"] and b in runs[0]["correct"]:
+                    ta = [float(np.mean(r["correct"][a])) for r in runs]
+                    tb = [float(np.mean(r["correct"][b])) for r in runs]
+                    pt = ttest_rel(tb, ta).pvalue if len(runs) > 1 else float("nan")
+                    pooled_a = sum((r["correct"][a] for r in runs), [])
+                    pooled_b = sum((r["correct"][b] for r in runs), [])
+                    lines.append(f"\n{b} - {a}: {np.mean(tb) - np.mean(ta):+.1%} (paired t-test over seeds p = {pt:.3f}; McNemar on pooled images p = {mcnemar_p(pooled_b, pooled_a):.3f})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
