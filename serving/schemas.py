@@ -1,0 +1,81 @@
+"""Request and response bodies of the HTTP API (pydantic; they make the OpenAPI page at /docs)."""
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.config import SCORERS
+
+
+class ClassifyParams(BaseModel):
+    """Options of POST /v1/classify (form fields beside `image`, or JSON keys beside `image_b64`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int | None = Field(
+        None, ge=1, le=10_000, description="Labels returned (default: server's top_k)."
+    )
+    scorer: str | None = Field(
+        None, description=f"One of {', '.join(SCORERS)} that the server enables."
+    )
+    token_set: str | None = Field(
+        None, description="Token set id (GET /v1/token-sets); default: the first."
+    )
+
+
+class ClassifyJSON(ClassifyParams):
+    image_b64: str = Field(
+        ...,
+        description="The image file (PNG, JPEG, WEBP, BMP or GIF), base64; a data: URL prefix is allowed.",
+    )
+
+
+class ClassifyResponse(BaseModel):
+    labels: list[str] = Field(description="Best labels first.")
+    scores: list[float | None] = Field(
+        description="Their scores, higher is better (diffusion: -mean denoising error; clip: cosine); "
+        "null where the hybrid prefilter never scored the class."
+    )
+    token_set: str
+    scorer: str
+    batch_size: int = Field(description="Requests scored in the same batch as this one.")
+    timings_ms: dict[str, float] = Field(
+        description="parse (body), decode (image), queue (waiting for a batch), score (scorer call "
+        "of this request's group), classifier (round trip to the classifier), total."
+    )
+
+
+class TokenSetInfo(BaseModel):
+    id: str
+    default: bool
+    n_classes: int
+    labels: list[str]
+    base_model: str
+    method: str | None = None
+
+
+class TokenSetsResponse(BaseModel):
+    default: str
+    scorers: list[str] = Field(description="Scorers a request may choose.")
+    default_scorer: str
+    token_sets: list[TokenSetInfo]
+
+
+class HealthResponse(BaseModel):
+    status: str
+    token_sets: int
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(description="A label of the token set.")
+    token_set: str | None = None
+    n: int = Field(1, ge=1, le=4, description="Images in the grid.")
+    steps: int = Field(
+        25, ge=1, description="DDIM steps (at most the server's max_generate_steps)."
+    )
+    guidance: float = Field(5.0, ge=0, le=30, description="Classifier-free guidance scale.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What was wrong, in one line.")
