@@ -1,0 +1,1 @@
+"""Data-parallel MC-TI training with DeepSpeed (`python -m training`, `mcti train --nproc N`)."""

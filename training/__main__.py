@@ -1,0 +1,11 @@
+import sys
+
+from training.cli import main
+
+rc = main()
+if "torch.distributed" in sys.modules:  # leave cleanly (NCCL warns about a group left up)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+sys.exit(rc)
