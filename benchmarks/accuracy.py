@@ -38,7 +38,11 @@ TASKS = {
     "seen": [("fashion-mnist", "seen")],
     "novel": [("animal-mnist", "novel"), ("fashion-mnist", "novel")],
 }
-METHODS = {"TI": dict(method="ti"), "MC-TI denoise": dict(method="mcti", reg="denoise"), "MC-TI clip": dict(method="mcti", reg="clip")}
+METHODS = {
+    "TI": dict(method="ti"),
+    "MC-TI denoise": dict(method="mcti", reg="denoise"),
+    "MC-TI clip": dict(method="mcti", reg="clip"),
+}
 
 
 def write_task(task: str, seed: int, shots: int, per_class: int, size: int, root: Path) -> dict:
@@ -66,7 +70,11 @@ def write_task(task: str, seed: int, shots: int, per_class: int, size: int, root
 
 def pixels_for_probe(images: np.ndarray, size: int) -> np.ndarray:
     t = torch.from_numpy(images).float().unsqueeze(1) / 255.0
-    return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True).flatten(1).numpy()
+    return (
+        torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True)
+        .flatten(1)
+        .numpy()
+    )
 
 
 def load_folder_pixels(folder: Path, size: int):
@@ -88,14 +96,31 @@ def baselines(bundle, task_dir: Path, names: list[str], seen: bool, args) -> dic
     if bundle.clip is not None:
         ftr, fte = bundle.clip_image_features(xtr).cpu(), bundle.clip_image_features(xte).cpu()
         probe = LogisticRegression(max_iter=2000, C=10.0).fit(ftr.numpy(), ytr.numpy())
-        out["linear probe (CLIP image features)"] = (torch.from_numpy(probe.predict(fte.numpy())) == yte).tolist()
-        means = torch.nn.functional.normalize(torch.stack([ftr[ytr == k].mean(0) for k in range(len(names))]), dim=-1)
-        out["nearest class mean (CLIP image features)"] = ((fte @ means.T).argmax(1) == yte).tolist()
+        out["linear probe (CLIP image features)"] = (
+            torch.from_numpy(probe.predict(fte.numpy())) == yte
+        ).tolist()
+        means = torch.nn.functional.normalize(
+            torch.stack([ftr[ytr == k].mean(0) for k in range(len(names))]), dim=-1
+        )
+        out["nearest class mean (CLIP image features)"] = (
+            (fte @ means.T).argmax(1) == yte
+        ).tolist()
     if seen:
         for scorer in ("diffusion", "clip") if bundle.clip is not None else ("diffusion",):
-            kw = {} if scorer == "clip" else dict(n_samples=args.n_samples, to_keep=args.to_keep, batch_rows=args.batch_rows, seed=0)
+            kw = (
+                {}
+                if scorer == "clip"
+                else dict(
+                    n_samples=args.n_samples,
+                    to_keep=args.to_keep,
+                    batch_rows=args.batch_rows,
+                    seed=0,
+                )
+            )
             clf = true_name_classifier(bundle, names, scorer, **kw)
-            pred = torch.cat([clf.score(xte[i : i + 16]).ranking()[:, 0] for i in range(0, len(xte), 16)])
+            pred = torch.cat(
+                [clf.score(xte[i : i + 16]).ranking()[:, 0] for i in range(0, len(xte), 16)]
+            )
             out[f"zero-shot true names ({scorer})"] = (pred == yte).tolist()
     return out
 
@@ -110,7 +135,9 @@ def generation_score(bundle, tok_dir: Path, ref_x: np.ndarray, ref_y: np.ndarray
     tokens, table, labels, _ = load_tokens(tok_dir, bundle)
     hits = 0
     for k in range(len(labels)):
-        imgs = generate(bundle, tokens, table, k, n=n, steps=20, guidance=3.0, seed=k)  # (n, 3, H, W)
+        imgs = generate(
+            bundle, tokens, table, k, n=n, steps=20, guidance=3.0, seed=k
+        )  # (n, 3, H, W)
         grey = ((imgs.mean(1) + 1) * 127.5).clamp(0, 255).byte().numpy()
         hits += int((clf.predict(pixels_for_probe(grey, size)) == k).sum())
     return hits / (n * len(labels))
@@ -138,7 +165,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--tau", type=float, default=0.002)
     p.add_argument("--draws", type=int, default=2)
     p.add_argument("--negatives", type=int, default=4)
     p.add_argument("--tasks", default="seen,novel")
@@ -158,25 +185,68 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             d = out / f"{task}-seed{seed}"
             info = write_task(task, seed, args.shots, args.per_class, bundle.resolution, d)
-            run = {"task": task, "seed": seed, "classes": len(info["names"]), "correct": {}, "generation": {}}
+            run = {
+                "task": task,
+                "seed": seed,
+                "classes": len(info["names"]),
+                "correct": {},
+                "generation": {},
+            }
             run["correct"].update(baselines(bundle, d, info["names"], task == "seen", args))
             for name in args.methods.split(","):
                 tok = d / ("tok-" + name.replace(" ", "-"))
                 if bundle.clip is None and "clip" in name:
                     continue
                 if not (tok / "classes.json").is_file():
-                    train(TrainArgs(model=args.model, data=str(d / "train"), out=str(tok), shots=args.shots, steps=args.steps, batch_size=args.batch_size, lr=args.lr, gamma=args.gamma, tau=args.tau, draws=args.draws, negatives=args.negatives, seed=seed, quiet=True, device="cpu", save_every=args.steps, **METHODS[name]), bundle=bundle)
+                    train(
+                        TrainArgs(
+                            model=args.model,
+                            data=str(d / "train"),
+                            out=str(tok),
+                            shots=args.shots,
+                            steps=args.steps,
+                            batch_size=args.batch_size,
+                            lr=args.lr,
+                            gamma=args.gamma,
+                            tau=args.tau,
+                            draws=args.draws,
+                            negatives=args.negatives,
+                            seed=seed,
+                            quiet=True,
+                            device="cpu",
+                            save_every=args.steps,
+                            **METHODS[name],
+                        ),
+                        bundle=bundle,
+                    )
                 for scorer in ("diffusion", "clip") if bundle.clip is not None else ("diffusion",):
-                    ea = EvalArgs(model=args.model, tokens=str(tok), data=str(d / "test"), scorer=scorer, n_samples=args.n_samples, to_keep=args.to_keep, batch_rows=args.batch_rows, device="cpu")
+                    ea = EvalArgs(
+                        model=args.model,
+                        tokens=str(tok),
+                        data=str(d / "test"),
+                        scorer=scorer,
+                        n_samples=args.n_samples,
+                        to_keep=args.to_keep,
+                        batch_rows=args.batch_rows,
+                        device="cpu",
+                    )
                     loaded = load_classifier(ea, bundle)
                     test = scan_folder(d / "test", min_classes=1)
                     r = evaluate(loaded, test, list(range(len(test))), 16, quiet=True)
                     truth = [f.split("/")[0] for f in r["files"]]
-                    run["correct"][f"{name} ({scorer})"] = [a == b for a, b in zip(r["predictions"], truth, strict=True)]
+                    run["correct"][f"{name} ({scorer})"] = [
+                        a == b for a, b in zip(r["predictions"], truth, strict=True)
+                    ]
                 if args.gen_n and name in ("TI", "MC-TI denoise"):
-                    run["generation"][name] = generation_score(bundle, tok, info["ref_x"], info["ref_y"], args.gen_n)
+                    run["generation"][name] = generation_score(
+                        bundle, tok, info["ref_x"], info["ref_y"], args.gen_n
+                    )
             results["runs"].append(run)
-            print(f"[{time.time() - t_start:.0f}s] {task} seed {seed}: " + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in run["correct"].items()), flush=True)
+            print(
+                f"[{time.time() - t_start:.0f}s] {task} seed {seed}: "
+                + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in run["correct"].items()),
+                flush=True,
+            )
             (out / "results.json").write_text(json.dumps(results))
     print(report(results))
 
@@ -187,11 +257,19 @@ def report(results: dict) -> str:
     lines = []
     for task in sorted({r["task"] for r in results["runs"]}, key=lambda t: list(TASKS).index(t)):
         runs = [r for r in results["runs"] if r["task"] == task]
-        lines += [f"\n**{task} concepts** ({runs[0]['classes']} classes, {len(runs)} shot seeds, {len(runs[0]['correct'][next(iter(runs[0]['correct']))])} test images per seed)\n", "| method (scorer) | accuracy mean ± std | generation score |", "|---|---|---|"]
+        lines += [
+            f"\n**{task} concepts** ({runs[0]['classes']} classes, {len(runs)} shot seeds, {len(runs[0]['correct'][next(iter(runs[0]['correct']))])} test images per seed)\n",
+            "| method (scorer) | accuracy mean ± std | generation score |",
+            "|---|---|---|",
+        ]
         for key in runs[0]["correct"]:
             accs = [float(np.mean(r["correct"][key])) for r in runs]
             gen = [r["generation"].get(key.split(" (")[0]) for r in runs]
-            g = f"{np.mean(gen):.1%}" if all(x is not None for x in gen) and key.endswith("(diffusion)") else ""
+            g = (
+                f"{np.mean(gen):.1%}"
+                if all(x is not None for x in gen) and key.endswith("(diffusion)")
+                else ""
+            )
             lines.append(f"| {key} | {np.mean(accs):.1%} ± {np.std(accs):.1%} | {g} |")
         for scorer in ("diffusion", "clip"):
             for mc in ("MC-TI denoise", "MC-TI clip"):
@@ -202,7 +280,9 @@ def report(results: dict) -> str:
                     pt = ttest_rel(tb, ta).pvalue if len(runs) > 1 else float("nan")
                     pooled_a = sum((r["correct"][a] for r in runs), [])
                     pooled_b = sum((r["correct"][b] for r in runs), [])
-                    lines.append(f"\n{b} - {a}: {np.mean(tb) - np.mean(ta):+.1%} (paired t-test over seeds p = {pt:.3f}; McNemar on pooled images p = {mcnemar_p(pooled_b, pooled_a):.3f})")
+                    lines.append(
+                        f"\n{b} - {a}: {np.mean(tb) - np.mean(ta):+.1%} (paired t-test over seeds p = {pt:.3f}; McNemar on pooled images p = {mcnemar_p(pooled_b, pooled_a):.3f})"
+                    )
     return "\n".join(lines)
 
 

@@ -1,9 +1,10 @@
 """Training objectives: TI (noise-prediction loss) and the MC-TI discriminative terms.
 
 loss = alpha * TI + gamma * CE(logits, y), where the logits come from
-- `denoise`: per-class errors of the same image under shared (t, eps) draws, several draws per
-  image, standardised across candidate classes per (image, draw) so that the t-dependent scale
-  of the errors (0.004-0.14) does not drown the class differences (~1e-4): logits = -mean_d z / tau;
+- `denoise`: per-class errors of the same image under shared (t, eps) draws (the t-dependent
+  part of the error cancels in the softmax because every class sees the same draw), several
+  draws per image averaged: logits = -mean_d err / tau. Optionally standardised across the
+  candidates per (image, draw) first (`standardize`; it amplified noise in our measurements);
 - `clip`: 10 * cos(CLIP text feature of the class prompt, CLIP image embedding of each candidate
   class): the image itself for its own class, a random shot (or the prototype) for negatives.
 Randomness is drawn for the *global* batch by `sample_draws`, so data-parallel ranks that take
@@ -26,10 +27,10 @@ class ObjectiveSettings:
     reg: str = "denoise"  # denoise | clip
     negatives: int = 4
     draws: int = 4
-    tau: float = 0.5
+    tau: float = 0.002
     alpha: float = 1.0
     gamma: float = 0.1
-    standardize: bool = True
+    standardize: bool = False
     std_floor: float = 0.01
     disc_t_min: float = 0.05
     disc_t_max: float = 0.6

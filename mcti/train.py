@@ -42,7 +42,7 @@ def settings_of(cfg: TrainArgs) -> ObjectiveSettings:
         tau=cfg.tau,
         alpha=cfg.alpha,
         gamma=cfg.gamma,
-        standardize=not cfg.no_standardize,
+        standardize=cfg.standardize,
         disc_t_min=cfg.disc_t_min,
         disc_t_max=cfg.disc_t_max,
         prototype=cfg.prototype,

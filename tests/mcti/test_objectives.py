@@ -1,5 +1,6 @@
 """MC-TI objectives vs plain references; draws shard exactly across data-parallel ranks."""
 
+import pytest
 import torch
 
 from mcti.objectives import (
@@ -64,13 +65,16 @@ def reference_denoise_logits(bundle, tokens, table, x0, labels, d, s):
                     for c in range(len(cands))
                 ]
             )
-            mean, var = errs.mean(), errs.var(unbiased=False)
-            z_sum += (errs - mean) / (var + (s.std_floor * mean) ** 2).sqrt()
+            if s.standardize:
+                mean, var = errs.mean(), errs.var(unbiased=False)
+                errs = (errs - mean) / (var + (s.std_floor * mean) ** 2).sqrt()
+            z_sum += errs
         logits.append(-z_sum / D / s.tau)
     return torch.stack(logits)
 
 
-def test_denoise_loss_matches_plain_loop(tiny_bundle):
+@pytest.mark.parametrize("standardize,tau", [(True, 0.7), (False, 0.002)])
+def test_denoise_loss_matches_plain_loop(tiny_bundle, standardize, tau):
     K = 4
     tokens = TokenSet(tiny_bundle, K)
     table = TokenTable(K, 1, tokens.init_vector("object"))
