@@ -122,6 +122,7 @@ def run(a: ServeArgs) -> None:
 
     from serving.app import build_app
 
+    patient_proxy_checks()
     ray.init(
         num_cpus=cpus,
         include_dashboard=False,
@@ -155,3 +156,12 @@ def run(a: ServeArgs) -> None:
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def patient_proxy_checks(seconds: int = 60) -> None:
+    """Serve gives its HTTP proxy 5 s to report ready (10 s for health checks); on a loaded
+    machine that fails start-up. Raise both before Ray starts (its processes inherit the env)."""
+    import os
+
+    for var in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(var, str(seconds))

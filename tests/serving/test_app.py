@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from serving.cli import patient_proxy_checks
 from tests.conftest import make_image_folder
 
 requests = pytest.importorskip("requests")
@@ -101,6 +102,7 @@ def server(tmp_path_factory, tiny_bundle):
         ("b", "clip"): library_classify(images, sets["b"], "clip", 4),
     }
     port = _free_port()
+    patient_proxy_checks()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
