@@ -1,0 +1,340 @@
+"""`mcti demo`: the main job, end to end, on this machine in minutes.
+
+1. Writes held-out images of a real offline dataset (mcti.realdata; never used in pretraining)
+   as DIR/data/<opaque key>/<png>: the method sees keys like `c03`, never the class names.
+2. Learns one token per class from 5 shots (`mcti.train.train`, MC-TI) on the embedded model.
+3. Evaluates on the other held-out images (diffusion and clip scorers), beside a logistic
+   regression on the raw pixels of the same shots and, with --reference, the model's zero-shot
+   accuracy when it *is* told the true class names (the only place names are used).
+4. Writes the accuracy table, a confusion-matrix PNG, a grid of generated samples per class and
+   summary.json, and says where they are.
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mcti.errors import UserError
+
+
+@dataclass
+class DemoArgs:
+    out: str = "mcti-demo"
+    """Output folder (data/, tokens/, confusion.png, samples.png, summary.json)."""
+    model: str = "embedded"
+    """Base model: 'embedded' (shipped), 'tiny-random' or a diffusers directory."""
+    dataset: str = "animal-mnist"
+    """Offline dataset: animal-mnist, fashion-mnist or digits (see mcti/realdata.py)."""
+    shots: int = 5
+    """Training images per class."""
+    eval_per_class: int = 20
+    """Held-out evaluation images per class."""
+    method: str = "mcti"
+    """mcti or ti (plain textual inversion)."""
+    reg: str = "clip"
+    """Discriminative term of mcti: clip (cheap; CLIP text-image CE) or denoise (per-class denoising errors; several UNet passes per image)."""
+    steps: int = 300
+    """Token training steps."""
+    batch_size: int = 8
+    """Images per training step."""
+    lr: float = 5e-3
+    """Token learning rate."""
+    negatives: int = 3
+    """Negative classes per image (denoise/clip term)."""
+    draws: int = 2
+    """(t, eps) draws per image for the denoise term."""
+    gamma: float = 0.05
+    """Weight of the discriminative term."""
+    n_samples: str = "4,8,16"
+    """Diffusion scorer: cumulative timesteps per elimination stage."""
+    to_keep: str = "3,2,1"
+    """Diffusion scorer: classes kept after each stage."""
+    samples_per_class: int = 4
+    """Generated images per class in samples.png."""
+    sample_steps: int = 15
+    """DDIM steps for the samples."""
+    guidance: float = 3.0
+    """Classifier-free guidance scale for the samples."""
+    seed: int = 0
+    """Seed of the shot pick, training and scoring."""
+    reference: bool = False
+    """Also score the test images zero-shot with the true class names (a reference the method never sees; doubles the scoring time)."""
+    threads: int = 1
+    """torch CPU threads (0: torch's default). 1 is fastest on a busy shared machine: with 2 threads under load the same run took several times the CPU time."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    quick: bool = False
+    """Smoke-test setting (seconds): 3 classes, few images and steps."""
+    force: bool = False
+    """Overwrite an existing output folder."""
+
+
+def _quick(a: DemoArgs) -> DemoArgs:
+    a.eval_per_class, a.steps, a.samples_per_class, a.sample_steps = 4, 3, 2, 3
+    a.n_samples, a.to_keep, a.negatives, a.draws = "2,4", "2,1", 1, 1
+    return a
+
+
+def _class_subset(split, quick: bool) -> list[int]:
+    if not quick:
+        return list(range(len(split.names)))
+    return (split.seen[:2] + split.novel[:1]) if split.novel else split.seen[:3]
+
+
+def pixel_baseline(data, shot_idx: list[int], eval_idx: list[int], size: int) -> float:
+    """Logistic regression on raw pixels of the same shots: the simplest few-shot baseline."""
+    from sklearn.linear_model import LogisticRegression
+
+    from mcti.data import load_images
+
+    xs, ks = load_images(data, shot_idx, size, quiet=True)
+    xe, ke = load_images(data, eval_idx, size, quiet=True)
+    clf = LogisticRegression(max_iter=2000, C=1.0)
+    clf.fit(xs.flatten(1).numpy(), [data.labels[i] for i in ks])
+    pred = clf.predict(xe.flatten(1).numpy())
+    return float((pred == [data.labels[i] for i in ke]).mean())
+
+
+def true_name_baseline(bundle, data, eval_idx, names: dict, a: DemoArgs) -> float:
+    """Zero-shot accuracy when the model is given the true names (reference only)."""
+    import torch
+
+    from mcti.data import load_images
+    from mcti.pretrain import true_name_classifier
+
+    clf = true_name_classifier(
+        bundle,
+        [names[c] for c in data.classes],
+        "diffusion",
+        n_samples=a.n_samples,
+        to_keep=a.to_keep,
+        seed=a.seed,
+    )
+    x, kept = load_images(data, eval_idx, bundle.resolution, quiet=True)
+    truth = torch.tensor([data.labels[i] for i in kept])
+    from tqdm import tqdm
+
+    preds = [
+        clf.score(x[i : i + 16]).ranking()[:, 0]
+        for i in tqdm(range(0, len(x), 16), desc="true-name ref", unit="batch", dynamic_ncols=True)
+    ]
+    return float((torch.cat(preds) == truth).float().mean())
+
+
+def samples_grid(bundle, tokens, table, classes, names, a: DemoArgs, path: Path) -> None:
+    """One row per class: its opaque key (and true name for the reader), then samples."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    from tqdm import tqdm
+
+    from mcti.atomic import atomic_write
+    from mcti.generate import generate, to_grid
+
+    tile = 64
+    rows = []
+    for k in tqdm(range(len(classes)), desc="generate", unit="class", dynamic_ncols=True):
+        imgs = generate(
+            bundle,
+            tokens,
+            table,
+            k,
+            a.samples_per_class,
+            steps=a.sample_steps,
+            guidance=a.guidance,
+            seed=a.seed + k,
+        )
+        g = to_grid(imgs, cols=a.samples_per_class, upscale_to=tile)
+        label = Image.new("RGB", (120, g.height), "white")
+        ImageDraw.Draw(label).text(
+            (4, g.height // 2 - 10), f"{classes[k]}\n({names[classes[k]]})", fill="black"
+        )
+        row = Image.new("RGB", (label.width + g.width, g.height))
+        row.paste(label, (0, 0))
+        row.paste(g, (label.width, 0))
+        rows.append(np.asarray(row))
+    grid = Image.fromarray(np.concatenate(rows, 0))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def run(a: DemoArgs) -> None:
+    import shutil
+
+    import torch
+
+    from mcti.atomic import atomic_write_json
+    from mcti.config import ScoreArgs, TrainArgs
+    from mcti.data import scan_folder
+    from mcti.evaluate import eval_indices, evaluate, load_classifier, plot_confusion
+    from mcti.model import load_model
+    from mcti.realdata import held_out_sample, load_split, write_folder
+    from mcti.store import load_tokens
+    from mcti.train import train
+
+    if a.quick:
+        a = _quick(a)
+    if a.shots < 1 or a.eval_per_class < 1:
+        raise UserError("--shots and --eval-per-class must be >= 1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        if not a.force:
+            raise UserError(f"'{out}' is not empty: pass --force to overwrite or choose --out")
+        for sub in ("data", "tokens"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    t0 = time.perf_counter()
+    times = {}
+
+    # 1. data: held-out images only, opaque keys
+    split = load_split(a.dataset)
+    classes = _class_subset(split, a.quick)
+    idx = held_out_sample(split, classes, a.shots + a.eval_per_class, seed=a.seed)
+    names = write_folder(split, idx, out / "data")
+    data = scan_folder(out / "data")
+    novel = {k for k, n in names.items() if split.names.index(n) in split.novel}
+    print(
+        f"[1/4] data: {len(data.classes)} classes of {a.dataset} ({len(novel)} never seen in "
+        f"pretraining), {a.shots} shots + {a.eval_per_class} held-out test images each "
+        f"-> {out / 'data'}"
+    )
+    bundle = load_model(a.model, a.device)
+    times["data_s"] = time.perf_counter() - t0
+
+    # 2. tokens
+    print(
+        f"[2/4] learning {len(data.classes)} class tokens ({a.method}, {a.shots} shots, {a.steps} steps)"
+    )
+    t = time.perf_counter()
+    cfg = TrainArgs(
+        model=a.model,
+        device=a.device,
+        data=str(out / "data"),
+        out=str(out / "tokens"),
+        method=a.method,
+        reg=a.reg,
+        shots=a.shots,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        negatives=a.negatives,
+        draws=a.draws,
+        gamma=a.gamma,
+        save_every=max(a.steps, 1),
+    )
+    p = train(cfg, bundle)
+    times["train_s"] = time.perf_counter() - t
+
+    # 3. evaluation
+    print("[3/4] classifying held-out images")
+    t = time.perf_counter()
+    results = {}
+    meta_files = set(p.shot_paths)
+    eval_idx = None
+    for scorer in ("diffusion", "clip") if bundle.clip is not None else ("diffusion",):
+        sa = ScoreArgs(
+            model=a.model,
+            device=a.device,
+            tokens=str(out / "tokens"),
+            scorer=scorer,
+            n_samples=a.n_samples,
+            to_keep=a.to_keep,
+            seed=a.seed,
+        )
+        loaded = load_classifier(sa, bundle)
+        if eval_idx is None:
+            eval_idx = eval_indices(data, loaded.meta, False, 0)
+            assert not meta_files & {data.paths[i] for i in eval_idx}
+        results[scorer] = evaluate(loaded, data, eval_idx, 16)
+    shot_idx = [data.paths.index(s) for s in p.shot_paths]
+    results["pixels_logreg"] = pixel_baseline(data, shot_idx, eval_idx, bundle.resolution)
+    if a.reference:
+        results["true_names_zero_shot"] = true_name_baseline(bundle, data, eval_idx, names, a)
+    times["eval_s"] = time.perf_counter() - t
+    plot_confusion(
+        results["diffusion"],
+        out / "confusion.png",
+        title=f"{a.dataset}, {a.shots}-shot {a.method}: diffusion scorer "
+        f"{results['diffusion']['accuracy']:.1%} (n={results['diffusion']['n_images']})",
+    )
+
+    # 4. samples
+    print("[4/4] drawing samples of each class with its learned token")
+    t = time.perf_counter()
+    tokens, table, labels, _ = load_tokens(out / "tokens", bundle)
+    samples_grid(bundle, tokens, table, labels, names, a, out / "samples.png")
+    times["generate_s"] = time.perf_counter() - t
+    times["total_s"] = time.perf_counter() - t0
+
+    _print_table(results, names, novel, a)
+    summary = {
+        "dataset": a.dataset,
+        "model": a.model,
+        "classes": names,
+        "novel_classes": sorted(novel),
+        "accuracy": results["diffusion"]["accuracy"],
+        "per_class": results["diffusion"]["per_class"],
+        "clip_accuracy": results.get("clip", {}).get("accuracy"),
+        "pixels_logreg_accuracy": results["pixels_logreg"],
+        "true_names_zero_shot_accuracy": results.get("true_names_zero_shot"),
+        "n_eval_images": results["diffusion"]["n_images"],
+        "seen_accuracy": _subset_acc(results["diffusion"], set(names) - novel),
+        "novel_accuracy": _subset_acc(results["diffusion"], novel),
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "settings": asdict(a),
+        "files": {
+            "data": str(out / "data"),
+            "tokens": str(out / "tokens"),
+            "confusion": str(out / "confusion.png"),
+            "samples": str(out / "samples.png"),
+            "summary": str(out / "summary.json"),
+        },
+    }
+    atomic_write_json(out / "summary.json", summary)
+    print(f"\ndone in {times['total_s'] / 60:.1f} min. Files:")
+    for k, v in summary["files"].items():
+        print(f"  {k:<10} {v}")
+
+
+def _subset_acc(result: dict, keys: set) -> float | None:
+    hits = n = 0
+    for f, pred in zip(result["files"], result["predictions"], strict=True):
+        true = Path(f).parts[0]
+        if true in keys:
+            n += 1
+            hits += pred == true
+    return hits / n if n else None
+
+
+def _print_table(results: dict, names: dict, novel: set, a: DemoArgs) -> None:
+    d, c = results["diffusion"], results.get("clip")
+    print(f"\n{'class':<6} {'(true name, for you)':<22} {'novel':<6} {'diffusion':>9} {'clip':>6}")
+    for key in d["labels"]:
+        cl = f"{c['per_class'].get(key, 0):>6.0%}" if c else ""
+        print(
+            f"{key:<6} {names[key]:<22} {'yes' if key in novel else '':<6} "
+            f"{d['per_class'].get(key, 0):>9.0%} {cl}"
+        )
+    seen_acc, novel_acc = _subset_acc(d, set(names) - novel), _subset_acc(d, novel)
+    print(f"\n{a.shots}-shot {a.method} tokens, no class names, {d['n_images']} held-out images:")
+    print(
+        f"  diffusion scorer      {d['accuracy']:.1%}"
+        + (f"  (seen classes {seen_acc:.1%}" if seen_acc is not None else "")
+        + (
+            f", novel {novel_acc:.1%})"
+            if novel_acc is not None
+            else ")"
+            if seen_acc is not None
+            else ""
+        )
+    )
+    if c:
+        print(f"  clip scorer           {c['accuracy']:.1%}")
+    print(
+        f"  reference: logistic regression on the raw pixels of the same shots {results['pixels_logreg']:.1%}"
+    )
+    if "true_names_zero_shot" in results:
+        print(
+            f"  reference: zero-shot with the true class names {results['true_names_zero_shot']:.1%}"
+        )
+    print(f"  chance {1 / len(d['labels']):.1%}")
