@@ -99,13 +99,14 @@ def cmd_generate(a: GenerateArgs) -> None:
     from mcti.atomic import atomic_write
     from mcti.generate import generate, to_grid
     from mcti.model import load_model
-    from mcti.store import label_index, load_tokens
+    from mcti.store import label_index, load_tokens, read_meta
 
     if a.n < 1 or a.steps < 1:
         raise UserError("--n and --steps must be >= 1")
     if "{}" not in a.prompt:
         raise UserError("--prompt must contain {} where the class token goes")
-    bundle = load_model(a.model, a.device, a.precision, a.attention, a.clip)
+    spec = a.model or read_meta(a.tokens)["base_model"]["spec"]
+    bundle = load_model(spec, a.device, a.precision, a.attention, a.clip)
     tokens, table, labels, _ = load_tokens(a.tokens, bundle)
     k = label_index(labels, a.label)
     images = generate(

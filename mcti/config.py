@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelArgs:
-    model: str = "tiny-random"
-    """Base model: a diffusers-format directory (e.g. a local Stable Diffusion 1.x/2.x copy), 'embedded' (shipped with mcti) or 'tiny-random' (tests)."""
+    model: str | None = None
+    """Base model: a diffusers-format directory (e.g. a local Stable Diffusion 1.x/2.x copy), 'embedded' (shipped with mcti) or 'tiny-random' (tests). Default: 'embedded' for train; for commands that read tokens, the model the tokens were trained on."""
     clip: str | None = None
     """A transformers CLIPModel directory matching the text encoder (for --reg clip / --scorer clip) when the model has no clip/ folder."""
     device: str = "auto"

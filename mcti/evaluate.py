@@ -12,7 +12,7 @@ from mcti.data import ImageFolder, load_images
 from mcti.errors import UserError
 from mcti.model import ModelBundle, load_model
 from mcti.scoring import Classifier, Scores
-from mcti.store import load_tokens
+from mcti.store import load_tokens, read_meta
 
 
 @dataclass
@@ -25,7 +25,8 @@ class Loaded:
 
 def load_classifier(cfg: ScoreArgs, bundle: ModelBundle | None = None) -> Loaded:
     if bundle is None:
-        bundle = load_model(cfg.model, cfg.device, cfg.precision, cfg.attention, cfg.clip)
+        spec = cfg.model or read_meta(cfg.tokens)["base_model"]["spec"]
+        bundle = load_model(spec, cfg.device, cfg.precision, cfg.attention, cfg.clip)
     tokens, table, labels, meta = load_tokens(cfg.tokens, bundle)
     if cfg.batch_images < 1:
         raise UserError("--batch-images must be >= 1")

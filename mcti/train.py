@@ -69,7 +69,9 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
     settings = settings_of(cfg)
     data = open_dataset(cfg.data, "train")
     if bundle is None:
-        bundle = load_model(cfg.model, cfg.device, cfg.precision, cfg.attention, cfg.clip)
+        bundle = load_model(
+            cfg.model or "embedded", cfg.device, cfg.precision, cfg.attention, cfg.clip
+        )
     if settings.method == "mcti" and settings.reg == "clip":
         bundle.require_clip()
     picked = pick_shots(data, cfg.shots, cfg.seed)  # CoOp's sampling for coop: specs

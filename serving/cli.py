@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from mcti.errors import UserError
 
-DEFAULT_MODEL = "tiny-random"  # base model served unless told (serving.config uses it too)
+DEFAULT_MODEL = "embedded"  # base model served unless told (serving.config uses it too)
 
 
 @dataclass

@@ -13,6 +13,8 @@ from mcti.cli import main
 from tests.conftest import make_image_folder
 
 TRAIN = [
+    "--model",
+    "tiny-random",
     "--steps",
     "4",
     "--batch-size",
@@ -187,13 +189,13 @@ def test_user_mistakes_are_one_line_errors(trained, capsys, tmp_path):
         "need at least 2": ["train", "--data", str(one), "--out", str(tmp_path / "o3"), *TRAIN],
         "not a diffusers model directory": [
             "train",
-            "--model",
-            str(notmodel),
             "--data",
             str(data),
             "--out",
             str(tmp_path / "o4"),
             *TRAIN,
+            "--model",  # after TRAIN's --model: the last one wins
+            str(notmodel),
         ],
         "not a directory": [
             "eval",

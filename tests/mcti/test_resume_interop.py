@@ -37,10 +37,36 @@ ARGS = [
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     data = make_image_folder(tmp_path / "data", n_classes=2, per_class=3)
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "full"), *ARGS]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-random",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "full"),
+                *ARGS,
+            ]
+        )
+        == 0
+    )
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mcti", "train", "--data", str(data), "--out", str(out), *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mcti",
+        "train",
+        "--model",
+        "tiny-random",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *ARGS,
+    ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -57,7 +83,22 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert 4 <= killed_at < 12
     # the last complete checkpoint and token export stay loadable
     assert load_file(str(out / "learned_embeds.safetensors"))
-    assert main(["train", "--data", str(data), "--out", str(out), *ARGS, "--resume"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-random",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                *ARGS,
+                "--resume",
+            ]
+        )
+        == 0
+    )
 
     a = load_file(str(tmp_path / "full" / "learned_embeds.safetensors"))
     b = load_file(str(out / "learned_embeds.safetensors"))
@@ -69,7 +110,23 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 def test_resume_refuses_a_different_run(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", n_classes=2, per_class=3)
     out = tmp_path / "tok"
-    assert main(["train", "--data", str(data), "--out", str(out), "--steps", "2", *ARGS[2:]]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-random",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                *ARGS[2:],
+            ]
+        )
+        == 0
+    )
     assert (
         main(
             [

@@ -108,6 +108,7 @@ def server(tmp_path_factory, tiny_bundle):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = dict(
             tokens={k: str(v) for k, v in sets.items()},
+            model="tiny-random",
             device="cpu",
             n_samples="2,4",
             to_keep="2,1",

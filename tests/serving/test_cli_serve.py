@@ -58,7 +58,18 @@ def test_mcti_serve_runs_and_stops_on_ctrl_c(tmp_path, tiny_bundle):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "mcti", "serve", "--tokens", f"main={tmp_path / 'tok'}"]
-    cmd += ["--port", str(port), "--device", "cpu", "--cpus", "2", "--n-samples", "2,4"]
+    cmd += [
+        "--model",
+        "tiny-random",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--cpus",
+        "2",
+        "--n-samples",
+        "2,4",
+    ]
     cmd += ["--to-keep", "2,1", "--no-generate"]
     out, err = open(tmp_path / "out.txt", "w+b"), open(tmp_path / "err.txt", "w+b")
     proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
