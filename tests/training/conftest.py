@@ -12,6 +12,7 @@ from training.cli import DistTrainArgs
 
 # Few rows per step (4 images x (1 + 1 negative) x 1 draw): launches dominate, not steps.
 SMALL = dict(
+    model="tiny-random",
     shots=2,
     batch_size=4,
     steps=8,
