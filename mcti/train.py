@@ -118,6 +118,11 @@ def _encode_chunked(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 32) 
 def global_batch(p: Prepared, batch_size: int, gen: torch.Generator, hard_weights=None) -> dict:
     """Pick a global batch of shots and all its random draws (identical on every rank)."""
     idx = torch.randint(len(p.labels), (batch_size,), generator=gen)
+    return batch_of_shots(p, idx, gen, hard_weights)
+
+
+def batch_of_shots(p: Prepared, idx: torch.Tensor, gen: torch.Generator, hard_weights=None) -> dict:
+    """The batch of the shots `idx` with all its random draws (negatives, t, noise, ...)."""
     labels = p.labels[idx]
     draws = sample_draws(
         p.objective.s,

@@ -33,9 +33,9 @@ from mcti.atomic import atomic_write
 from mcti.config import TrainArgs
 from mcti.errors import UserError
 from mcti.model import resolve_device
-from mcti.objectives import sample_draws, shard_draws
+from mcti.objectives import shard_draws
 from mcti.tokens import TokenTable
-from mcti.train import Prepared, batch_loss, export, prepare, run_fingerprint
+from mcti.train import Prepared, batch_loss, batch_of_shots, export, prepare, run_fingerprint
 from training.checkpoint import DistCheckpoint
 from training.cli import DistTrainArgs
 from training.ds_config import Resolved
@@ -83,18 +83,7 @@ def draw_batch(
     ranks' slices hold disjoint images."""
     N = len(p.labels)
     perms = [torch.randperm(N, generator=gen) for _ in range(-(-batch_size // N))]
-    idx = torch.cat(perms)[:batch_size]
-    labels = p.labels[idx]
-    draws = sample_draws(
-        p.objective.s,
-        labels,
-        p.tokens.num_classes,
-        tuple(p.latents.shape[2:]),
-        p.bundle.num_train_timesteps,
-        gen,
-        hard,
-    )
-    return {"idx": idx, "labels": labels, **draws}
+    return batch_of_shots(p, torch.cat(perms)[:batch_size], gen, hard)
 
 
 def skip_shm_comm_build() -> None:
