@@ -28,6 +28,17 @@ def make_image_folder(
     return root
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands such as `mcti demo --threads 1` set torch's process-wide thread count; a test
+    that runs one in-process must not change the arithmetic (reduction order) of later tests."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data")

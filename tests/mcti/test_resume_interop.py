@@ -67,8 +67,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         str(out),
         *ARGS,
     ]
+    # same intra-op thread count as this process: a different count changes the reduction
+    # order of CPU kernels, and then the runs differ in the last bits
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env
     )
     state = out / "checkpoint" / "state.json"
     deadline = time.time() + 120
