@@ -175,7 +175,13 @@ def main() -> None:
     p.add_argument("--batch-rows", type=int, default=512)
     p.add_argument("--gen-n", type=int, default=8, help="generated images per class (0: skip)")
     p.add_argument("--out", default="runs/accuracy")
+    p.add_argument(
+        "--report-only", action="store_true", help="print the tables of OUT/results.json and stop"
+    )
     args = p.parse_args()
+    if args.report_only:  # also for a run stopped part-way: each task-seed is saved when done
+        print(report(json.loads((Path(args.out) / "results.json").read_text())))
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     bundle = load_model(args.model, device="cpu")
@@ -257,8 +263,11 @@ def report(results: dict) -> str:
     lines = []
     for task in sorted({r["task"] for r in results["runs"]}, key=lambda t: list(TASKS).index(t)):
         runs = [r for r in results["runs"] if r["task"] == task]
+        a = results["args"]
+        n_test = len(next(iter(runs[0]["correct"].values())))
         lines += [
-            f"\n**{task} concepts** ({runs[0]['classes']} classes, {len(runs)} shot seeds, {len(runs[0]['correct'][next(iter(runs[0]['correct']))])} test images per seed)\n",
+            f"\n**{task} concepts** ({runs[0]['classes']} classes, {a['shots']} shots, "
+            f"{a['steps']} token steps, {len(runs)} shot seeds, {n_test} test images per seed)\n",
             "| method (scorer) | accuracy mean ± std | generation score |",
             "|---|---|---|",
         ]
