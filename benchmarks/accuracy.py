@@ -176,6 +176,11 @@ def main() -> None:
     p.add_argument("--gen-n", type=int, default=8, help="generated images per class (0: skip)")
     p.add_argument("--out", default="runs/accuracy")
     p.add_argument(
+        "--fill-generation",
+        action="store_true",
+        help="add missing generation scores to OUT/results.json from the saved tokens, then report",
+    )
+    p.add_argument(
         "--report-only", action="store_true", help="print the tables of OUT/results.json and stop"
     )
     args = p.parse_args()
@@ -185,6 +190,9 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     bundle = load_model(args.model, device="cpu")
+    if args.fill_generation:
+        fill_generation(bundle, out)
+        return
     results = {"args": vars(args), "runs": []}
     t_start = time.time()
     for task in args.tasks.split(","):
@@ -243,7 +251,7 @@ def main() -> None:
                     run["correct"][f"{name} ({scorer})"] = [
                         a == b for a, b in zip(r["predictions"], truth, strict=True)
                     ]
-                if args.gen_n and name in ("TI", "MC-TI denoise"):
+                if args.gen_n:
                     run["generation"][name] = generation_score(
                         bundle, tok, info["ref_x"], info["ref_y"], args.gen_n
                     )
@@ -254,6 +262,27 @@ def main() -> None:
                 flush=True,
             )
             (out / "results.json").write_text(json.dumps(results))
+    print(report(results))
+
+
+def fill_generation(bundle, out: Path) -> None:
+    """Generation scores for every saved token set of a finished run that lacks one (the same
+    reference images: write_task is deterministic in its seed)."""
+    results = json.loads((out / "results.json").read_text())
+    a = results["args"]
+    n = a["gen_n"] or 4
+    for run in results["runs"]:
+        d = out / f"{run['task']}-seed{run['seed']}"
+        info = write_task(
+            run["task"], run["seed"], a["shots"], a["per_class"], bundle.resolution, d
+        )
+        for name in METHODS:
+            tok = d / ("tok-" + name.replace(" ", "-"))
+            if name not in run["generation"] and (tok / "classes.json").is_file():
+                run["generation"][name] = generation_score(
+                    bundle, tok, info["ref_x"], info["ref_y"], n
+                )
+        (out / "results.json").write_text(json.dumps(results))
     print(report(results))
 
 
