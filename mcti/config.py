@@ -48,7 +48,7 @@ class TrainArgs(ModelArgs):
     draws: int = 4
     """(t, eps) draws per image for --reg denoise, shared by its candidate classes."""
     tau: float = 0.002
-    """Temperature of the denoise logits: logits = -error / tau (errors are MSEs ~0.01-0.1 whose class differences are ~1e-4-1e-3); with --standardize use ~0.5."""
+    """Temperature of the denoise logits: logits = -error / tau (errors are MSEs ~0.01-0.1 whose class differences are ~1e-4-1e-3); with many shots per class (16) 0.01 measured better; with --standardize use ~0.5."""
     alpha: float = 1.0
     """Weight of the TI noise-prediction loss."""
     gamma: float = 0.1
