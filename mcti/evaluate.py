@@ -30,18 +30,7 @@ def load_classifier(cfg: ScoreArgs, bundle: ModelBundle | None = None) -> Loaded
     tokens, table, labels, meta = load_tokens(cfg.tokens, bundle)
     if cfg.batch_images < 1:
         raise UserError("--batch-images must be >= 1")
-    clf = Classifier(
-        bundle,
-        tokens,
-        table,
-        scorer=cfg.scorer,
-        hybrid_m=cfg.hybrid_m,
-        n_samples=cfg.n_samples,
-        to_keep=cfg.to_keep,
-        batch_rows=cfg.batch_rows,
-        template=cfg.template,
-        seed=cfg.seed,
-    )
+    clf = Classifier.from_settings(bundle, tokens, table, cfg, cfg.scorer)
     return Loaded(bundle, labels, meta, clf)
 
 

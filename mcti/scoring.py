@@ -200,6 +200,26 @@ class Classifier:
                 diffusion_kw["to_keep"] = [min(k, m) for k in tk]
             self.diffusion = DiffusionScorer(bundle, tokens, table, **diffusion_kw)
 
+    @classmethod
+    def from_settings(
+        cls, bundle: ModelBundle, tokens: TokenSet, table: TokenTable, settings, scorer: str
+    ) -> "Classifier":
+        """The classifier of a settings object with the scorer fields of `ScoreArgs`
+        (hybrid_m, n_samples, to_keep, batch_rows, template, seed): `mcti eval/classify` and
+        the server build theirs here."""
+        return cls(
+            bundle,
+            tokens,
+            table,
+            scorer=scorer,
+            hybrid_m=settings.hybrid_m,
+            n_samples=settings.n_samples,
+            to_keep=settings.to_keep,
+            batch_rows=settings.batch_rows,
+            template=settings.template,
+            seed=settings.seed,
+        )
+
     @torch.no_grad()
     def score(self, pixels: torch.Tensor) -> Scores:
         if self.kind == "clip":

@@ -161,6 +161,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
+def _json_object(body: bytes, needs: str) -> dict:
+    """The body as a JSON object: 400 when it is not JSON, 422 when not an object."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, f"the JSON body must be an object with {needs}")
+    return data
+
+
 def _params(model: type, data: dict):
     try:
         return model(**data)
@@ -190,13 +201,7 @@ async def parse_classify(request: Request, limit: int) -> tuple[ClassifyParams, 
         finally:
             await form.close()
     if ctype == "application/json" or ctype.endswith("+json"):
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise ApiError(422, "the JSON body must be an object with image_b64")
-        req = _params(ClassifyJSON, data)
+        req = _params(ClassifyJSON, _json_object(body, "image_b64"))
         b64 = req.image_b64
         if b64.startswith("data:"):
             b64 = b64.partition(",")[2]
@@ -223,7 +228,7 @@ class Classifier:
         import torch
 
         from mcti.model import load_model
-        from mcti.scoring import Classifier as Scorer
+        from mcti.scoring import Classifier
         from mcti.store import load_tokens
 
         self.cfg = cfg = AppConfig(**cfg)
@@ -240,18 +245,7 @@ class Classifier:
             tokens, table, labels, meta = load_tokens(path, self.bundle)
             # Conditioning (K, L, d) and CLIP text features are computed here, once per set.
             scorers = {
-                s: Scorer(
-                    self.bundle,
-                    tokens,
-                    table,
-                    scorer=s,
-                    hybrid_m=cfg.hybrid_m,
-                    n_samples=cfg.n_samples,
-                    to_keep=cfg.to_keep,
-                    batch_rows=cfg.batch_rows,
-                    template=cfg.template,
-                    seed=cfg.seed,
-                )
+                s: Classifier.from_settings(self.bundle, tokens, table, cfg, s)
                 for s in self.scorers
             }
             if "diffusion" in scorers and "hybrid" in scorers:  # same tokens, same template:
@@ -544,13 +538,7 @@ class Ingress:
         if not self.cfg.enable_generate:
             raise ApiError(404, "generation is disabled on this server")
         body = await read_body(request, self.cfg.max_body_bytes)
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise ApiError(422, "the JSON body must be an object with a label")
-        req = _params(GenerateRequest, data)
+        req = _params(GenerateRequest, _json_object(body, "a label"))
         if req.steps > self.cfg.max_generate_steps:
             raise ApiError(422, f"steps: at most {self.cfg.max_generate_steps} on this server")
         info = await self.info()
