@@ -35,38 +35,17 @@ ARGS = [
 ]
 
 
+def train_argv(data, out, *extra: str, model: str = "tiny-random") -> list[str]:
+    """`mcti train` arguments on `model` (never the default: a test names what it trains on)."""
+    return ["train", "--model", model, "--data", str(data), "--out", str(out), *extra]
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     data = make_image_folder(tmp_path / "data", n_classes=2, per_class=3)
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-random",
-                "--data",
-                str(data),
-                "--out",
-                str(tmp_path / "full"),
-                *ARGS,
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv(data, tmp_path / "full", *ARGS)) == 0
 
     out = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mcti",
-        "train",
-        "--model",
-        "tiny-random",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        *ARGS,
-    ]
+    cmd = [sys.executable, "-m", "mcti", *train_argv(data, out, *ARGS)]
     # same intra-op thread count as this process: a different count changes the reduction
     # order of CPU kernels, and then the runs differ in the last bits
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -86,22 +65,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert 4 <= killed_at < 12
     # the last complete checkpoint and token export stay loadable
     assert load_file(str(out / "learned_embeds.safetensors"))
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-random",
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                *ARGS,
-                "--resume",
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv(data, out, *ARGS, "--resume")) == 0
 
     a = load_file(str(tmp_path / "full" / "learned_embeds.safetensors"))
     b = load_file(str(out / "learned_embeds.safetensors"))
@@ -113,42 +77,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 def test_resume_refuses_a_different_run(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", n_classes=2, per_class=3)
     out = tmp_path / "tok"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-random",
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--steps",
-                "2",
-                *ARGS[2:],
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--steps",
-                "2",
-                *ARGS[2:],
-                "--resume",
-                "--lr",
-                "0.1",
-            ]
-        )
-        == 2
-    )
-    assert "different run" in capsys.readouterr().err
+    assert main(train_argv(data, out, "--steps", "2", *ARGS[2:])) == 0
+    # the same run but for the learning rate (same model: the refusal must come from --lr)
+    assert main(train_argv(data, out, "--steps", "2", *ARGS[2:], "--resume", "--lr", "0.1")) == 2
+    err = capsys.readouterr().err
+    assert "different run (differs in: config)" in err, err  # not base_model: same model
 
 
 def test_tokens_load_into_a_diffusers_pipeline(tmp_path):
@@ -162,25 +95,10 @@ def test_tokens_load_into_a_diffusers_pipeline(tmp_path):
     assert bundle.fingerprint == load_model("tiny-random", device="cpu").fingerprint
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=2)
     tok = tmp_path / "tok"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                str(model_dir),
-                "--data",
-                str(data),
-                "--out",
-                str(tok),
-                "--n-vectors",
-                "2",
-                "--steps",
-                "2",
-                *ARGS[2:],
-            ]
-        )
-        == 0
+    argv = train_argv(
+        data, tok, "--n-vectors", "2", "--steps", "2", *ARGS[2:], model=str(model_dir)
     )
+    assert main(argv) == 0
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
     sd = load_file(str(tok / "learned_embeds.safetensors"))
