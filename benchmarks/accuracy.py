@@ -184,6 +184,10 @@ def main() -> None:
         "--report-only", action="store_true", help="print the tables of OUT/results.json and stop"
     )
     args = p.parse_args()
+    if (args.report_only or args.fill_generation) and not (
+        Path(args.out) / "results.json"
+    ).is_file():
+        p.error(f"no results.json in '{args.out}': run the benchmark with this --out first")
     if args.report_only:  # also for a run stopped part-way: each task-seed is saved when done
         print(report(json.loads((Path(args.out) / "results.json").read_text())))
         return
