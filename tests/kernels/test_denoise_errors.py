@@ -33,6 +33,8 @@ BACKENDS = ["torch", *(["interp"] if DE.INTERPRET else [])] + [
         "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
     )
 ]
+# The Triton paths only (the PyTorch path has no program grid to split rows over).
+TRITON_BACKENDS = [b for b in BACKENDS if b != "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Forward: inputs are cast to fp32 before the difference, so only the fp32 sum of N squares
 # rounds: ~1e-6 relative whatever the input dtype (an fp16/bf16 accumulation would miss by 1e-3+).
@@ -159,10 +161,9 @@ def test_int32_index_and_single_element_samples(backend):
     )
 
 
+@pytest.mark.parametrize("backend", TRITON_BACKENDS, indirect=True)
 def test_chunked_rows(backend, monkeypatch):
     """Few rows are split over several programs on a GPU; force that split at a small size."""
-    if backend == "cpu" and not DE.INTERPRET:
-        pytest.skip("PyTorch path has no row split")
     monkeypatch.setattr(DE, "_blocks", lambda N, R, device: DE._split(N, R, 64, target=3 * R))
     assert DE._blocks(1000, 4, backend)[1:] == (3, 384)  # 3 chunks, each looping over 6 blocks
     pred, eps, idx, w = _inputs(4, 2, (1000,), torch.bfloat16, backend, seed=6)
