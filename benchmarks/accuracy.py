@@ -2,7 +2,7 @@
 
 For each task (seen concepts: named in pretraining captions, names unused by the method; novel
 concepts: never in pretraining) and each shot seed: pick `--shots` training images per class and
-`--per-class` disjoint test images from the held-out split (mcti.realdata), train TI, MC-TI
+`--per-class` disjoint test images from the held-out split (mcti.data.offline), train TI, MC-TI
 denoise and MC-TI clip tokens, and score the test images with the diffusion and clip scorers.
 Baselines on the same frozen model: linear probe and nearest class mean on the CLIP vision
 features of the same shots; zero-shot with the true names (seen only). Generation: the fraction
@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mcti.config import EvalArgs, TrainArgs
-from mcti.data import scan_folder
-from mcti.evaluate import evaluate, load_classifier
-from mcti.generate import generate
-from mcti.model import load_model
-from mcti.realdata import load_split
-from mcti.store import load_tokens
-from mcti.train import train
+from mcti.core.generate import generate
+from mcti.core.model import load_model
+from mcti.core.store import load_tokens
+from mcti.data.folders import scan_folder
+from mcti.data.offline import load_split
+from mcti.eval.evaluate import evaluate, load_classifier
+from mcti.settings import EvalArgs, TrainArgs
+from mcti.train.loop import train
 
 TASKS = {
     # name: [(dataset, "seen" | "novel")]
@@ -78,7 +78,7 @@ def pixels_for_probe(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_folder_pixels(folder: Path, size: int):
-    from mcti.data import load_images
+    from mcti.data.folders import load_images
 
     data = scan_folder(folder, min_classes=1)
     x, kept = load_images(data, list(range(len(data))), size)

@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--sd15-rows", type=int, default=2)
     p.add_argument("--no-sd15", action="store_true")
     args = p.parse_args()
-    from mcti.tiny import build_tiny_random
+    from mcti.core.tiny import build_tiny_random
 
     results = {
         "tiny-random (16x16x4 latents)": measure(build_tiny_random()["unet"], args.rows, 77, 5)

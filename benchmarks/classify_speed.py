@@ -2,7 +2,7 @@
 
 (a) reference: what the Diffusion Classifier code does — one image at a time, per stage the rows
     (class x new t) in fixed batches of 32, latents repeated per row, unfused MSE;
-(b) ours: `mcti.scoring.DiffusionScorer` — rows of several images batched together, noise
+(b) ours: `mcti.core.scoring.DiffusionScorer` — rows of several images batched together, noise
     indexed (not copied) by the fused error, conditioning computed once.
 Checks that (b) predicts the same labels, reports the speed ratio and the time spent outside UNet
 forward passes. With --tokens/--data it also reports accuracy, UNet rows and seconds per image for
@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from mcti.diffusion import noised
-from mcti.model import load_model
-from mcti.scoring import DiffusionScorer, parse_schedule, timestep_grid
-from mcti.tokens import TokenSet, TokenTable
+from mcti.core.diffusion import noised
+from mcti.core.model import load_model
+from mcti.core.scoring import DiffusionScorer, parse_schedule, timestep_grid
+from mcti.core.tokens import TokenSet, TokenTable
 
 
 class UNetTimer:
@@ -125,9 +125,9 @@ def speed(args, K: int, n_samples: str, to_keep: str) -> dict:
 
 
 def accuracy(args) -> list[dict]:
-    from mcti.config import EvalArgs
-    from mcti.data import scan_folder
-    from mcti.evaluate import eval_indices, evaluate, load_classifier
+    from mcti.data.folders import scan_folder
+    from mcti.eval.evaluate import eval_indices, evaluate, load_classifier
+    from mcti.settings import EvalArgs
 
     rows = []
     data = scan_folder(args.data, min_classes=1)

@@ -54,8 +54,8 @@ def make_token_set(bundle, out: Path, classes: int, seed: int = 0) -> Path:
     """Random, distinct class vectors (speed does not depend on training)."""
     import torch
 
-    from mcti.store import save_tokens
-    from mcti.tokens import TokenSet, TokenTable
+    from mcti.core.store import save_tokens
+    from mcti.core.tokens import TokenSet, TokenTable
 
     init = TokenSet(bundle, classes, 1).init_vector("object")
     table = TokenTable(classes, 1, init)
@@ -77,9 +77,9 @@ def library_caller(args):
     """The library called directly: decode (pil_to_tensor) + Classifier.score, one image a call."""
     import torch
 
-    from mcti.config import ScoreArgs
-    from mcti.data import pil_to_tensor
-    from mcti.evaluate import load_classifier
+    from mcti.data.folders import pil_to_tensor
+    from mcti.eval.evaluate import load_classifier
+    from mcti.settings import ScoreArgs
 
     torch.set_num_threads(args.threads)
     loaded = load_classifier(
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
-    from mcti.model import load_model
+    from mcti.core.model import load_model
 
     tmp = tempfile.TemporaryDirectory(prefix="serve_load_")
     bundle = load_model(args.model, device=args.device)

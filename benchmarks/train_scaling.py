@@ -137,9 +137,9 @@ def build_sd15_shaped(out: Path, resolution: int) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mcti.model import save_model
-    from mcti.tiny import build_clip_tokenizer
-    from mcti.tokens import TEMPLATES
+    from mcti.core.model import save_model
+    from mcti.core.tiny import build_clip_tokenizer
+    from mcti.core.tokens import TEMPLATES
 
     torch.manual_seed(0)
     words = sorted({w for t in TEMPLATES for w in t.replace("{}", "").split()} | {"object"})

@@ -1,5 +1,5 @@
 """Ray Serve application for MC-TI classification: HTTP ingress + batched classifier deployment.
 
-`serving.app:build_app` is the Serve application builder; `mcti serve` (serving/cli.py) runs it
+`serving.app:build_app` is the Serve application builder; `mcti serve` (mcti/cli/serve.py) runs it
 locally; serving/serve_config.yaml is the same application as a Serve config file.
 """

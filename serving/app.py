@@ -227,9 +227,9 @@ class Classifier:
     def __init__(self, cfg: dict):
         import torch
 
-        from mcti.model import load_model
-        from mcti.scoring import Classifier
-        from mcti.store import load_tokens
+        from mcti.core.model import load_model
+        from mcti.core.scoring import Classifier
+        from mcti.core.store import load_tokens
 
         self.cfg = cfg = AppConfig(**cfg)
         torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
@@ -395,8 +395,8 @@ class Classifier:
     def _generate(
         self, token_set: str, label: str, n: int, steps: int, guidance: float, seed: int
     ) -> bytes:
-        from mcti.generate import generate, to_grid
-        from mcti.store import label_index
+        from mcti.core.generate import generate, to_grid
+        from mcti.core.store import label_index
 
         s = self.sets[token_set]
         k = label_index(s["labels"], label)

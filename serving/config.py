@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mcti.errors import UserError
-from serving.cli import DEFAULT_MODEL
+from mcti.settings import DEFAULT_MODEL
 
 SCORERS = ("diffusion", "clip", "hybrid")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # decoders PIL may try on a request body
@@ -175,7 +175,7 @@ class AppConfig(BaseModel):
 
     def check_paths(self) -> dict[str, list[str]]:
         """Read each token set's classes.json (cheap, no model): its labels, or a UserError."""
-        from mcti.store import read_meta
+        from mcti.core.store import read_meta
 
         return {key: list(read_meta(path)["classes"]) for key, path in self.tokens.items()}
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mcti.data import pil_to_tensor
+from mcti.data.folders import pil_to_tensor
 from serving.config import IMAGE_FORMATS
 
 

@@ -46,6 +46,6 @@ def image_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle():
-    from mcti.model import load_model
+    from mcti.core.model import load_model
 
     return load_model("tiny-random", device="cpu")

@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcti.cli_args import add_dataclass_args, to_dataclass
-from mcti.config import TrainArgs
+from mcti.cli.args import add_dataclass_args, to_dataclass
 from mcti.errors import UserError
+from mcti.settings import TrainArgs
 from training import ds_config
 
 

@@ -12,8 +12,8 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from mcti.config import TrainArgs
 from mcti.errors import UserError
+from mcti.settings import TrainArgs
 from training.cli import DistTrainArgs, preflight
 
 

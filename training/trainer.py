@@ -30,12 +30,12 @@ from torch import nn
 from tqdm import tqdm
 
 from mcti.atomic import atomic_write
-from mcti.config import TrainArgs
+from mcti.core.model import resolve_device
+from mcti.core.objectives import shard_draws
+from mcti.core.tokens import TokenTable
 from mcti.errors import UserError
-from mcti.model import resolve_device
-from mcti.objectives import shard_draws
-from mcti.tokens import TokenTable
-from mcti.train import Prepared, batch_loss, batch_of_shots, export, prepare, run_fingerprint
+from mcti.settings import TrainArgs
+from mcti.train.loop import Prepared, batch_loss, batch_of_shots, export, prepare, run_fingerprint
 from training.checkpoint import DistCheckpoint
 from training.cli import DistTrainArgs
 from training.ds_config import Resolved

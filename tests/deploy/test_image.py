@@ -168,7 +168,7 @@ def test_no_model_weights_in_the_image():
         ("pyproject.toml", False),
         ("README.md", False),
         ("deploy/constraints.txt", False),
-        ("mcti/datasets.py", False),
+        ("mcti/data/coop.py", False),
         ("kernels/__init__.py", False),
         ("serving/serve_config.yaml", False),
         ("training/configs/zero1_bf16.json", False),

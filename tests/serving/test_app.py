@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from serving.cli import patient_proxy_checks
+from mcti.cli.serve import patient_proxy_checks
 from tests.conftest import make_image_folder
 
 requests = pytest.importorskip("requests")
@@ -36,8 +36,8 @@ MAX_BATCH, MAX_ONGOING, MAX_QUEUED = 4, 8, 8
 
 def write_token_set(bundle, out: Path, labels: list[str], seed: int) -> Path:
     """A token set as training writes it, with distinct random vectors (no training needed)."""
-    from mcti.store import save_tokens
-    from mcti.tokens import TokenSet, TokenTable
+    from mcti.core.store import save_tokens
+    from mcti.core.tokens import TokenSet, TokenTable
 
     init = TokenSet(bundle, len(labels), 1).init_vector("object")
     table = TokenTable(len(labels), 1, init)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mcti.data import load_image
+from mcti.cli.serve import ServeArgs, app_settings
+from mcti.data.folders import load_image
 from mcti.errors import UserError
-from serving.cli import DEFAULT_MODEL, ServeArgs, app_settings
+from mcti.settings import DEFAULT_MODEL
 from serving.config import AppConfig, load_config, parse_tokens, read_config_file
 from serving.images import BadImage, decode_image, to_pixels
 
@@ -126,8 +127,8 @@ def test_config_validation_messages():
 
 
 def test_check_paths_reads_labels(tmp_path, tiny_bundle):
-    from mcti.store import save_tokens
-    from mcti.tokens import TokenTable
+    from mcti.core.store import save_tokens
+    from mcti.core.tokens import TokenTable
 
     save_tokens(
         tmp_path / "t",
@@ -171,8 +172,8 @@ def test_cli_settings_flags_override_the_file(tmp_path):
 
 def test_mcti_serve_refuses_bad_settings_before_starting_ray(tmp_path, capsys, tiny_bundle):
     from mcti.cli import main
-    from mcti.store import save_tokens
-    from mcti.tokens import TokenTable
+    from mcti.core.store import save_tokens
+    from mcti.core.tokens import TokenTable
 
     assert main(["serve", "--tokens", str(tmp_path / "nope")]) == 2
     assert "not a token directory" in capsys.readouterr().err

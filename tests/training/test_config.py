@@ -7,8 +7,8 @@ from dataclasses import fields
 
 import pytest
 
-from mcti.config import TrainArgs
 from mcti.errors import UserError
+from mcti.settings import TrainArgs
 from training import ds_config
 from training.cli import DistTrainArgs, build_parser, preflight
 from training.launch import flags_of, torchrun_command
@@ -160,7 +160,7 @@ def test_parser_takes_every_train_flag_and_the_launchers_local_rank():
 
 
 def test_launch_flags_reproduce_the_arguments():
-    from mcti.cli_args import to_dataclass
+    from mcti.cli.args import to_dataclass
 
     args = DistTrainArgs(
         data="d", out="o", nproc=2, lr=1e-3, hard_negatives=True, deepspeed_config="zero1_fp32",

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcti.store import load_tokens
+from mcti.core.store import load_tokens
 from tests.training.conftest import SMALL, cli_flags, small_args, token_matrix
 from training.cli import main
 from training.launch import launch_local
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 def reference(data_dir, tmp_path_factory) -> Path:
     """`mcti train --nproc 2`: 2 ranks x micro-batch 2, ZeRO 0, 8 steps, checkpoints every 2."""
     from mcti.cli import main as mcti_main
-    from mcti.config import TrainArgs
+    from mcti.settings import TrainArgs
     from training.launch import flags_of
 
     out = tmp_path_factory.mktemp("ref") / "tokens"

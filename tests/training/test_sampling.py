@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from mcti.objectives import sample_negatives, shard_draws
-from mcti.tokens import TokenTable
-from mcti.train import prepare
+from mcti.core.objectives import sample_negatives, shard_draws
+from mcti.core.tokens import TokenTable
+from mcti.train.loop import prepare
 from tests.training.conftest import small_args
 from training.trainer import SimilarityRows, TokenModule, draw_batch
 

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from mcti.objectives import (
+from mcti.core.objectives import (
     Objective,
     ObjectiveSettings,
     sample_draws,
     sample_negatives,
     shard_draws,
 )
-from mcti.tokens import TEMPLATES, TokenSet, TokenTable
+from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
 
 
 def test_negatives_are_distinct_and_never_the_label():

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from mcti.atomic import atomic_save_safetensors, atomic_write_json
+from mcti.core.model import ModelBundle
+from mcti.core.tokens import TokenSet, TokenTable, token_string
 from mcti.errors import UserError
-from mcti.model import ModelBundle
-from mcti.tokens import TokenSet, TokenTable, token_string
 
 FORMAT = "mcti-tokens/1"
 EMBEDS = "learned_embeds.safetensors"

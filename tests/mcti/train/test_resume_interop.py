@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from mcti.cli import main
-from mcti.model import load_model, save_model
-from mcti.store import load_tokens
-from mcti.tiny import build_tiny_random
+from mcti.core.model import load_model, save_model
+from mcti.core.store import load_tokens
+from mcti.core.tiny import build_tiny_random
 from tests.conftest import make_image_folder
 
 ARGS = [

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+DEFAULT_MODEL = "embedded"  # the base model a command uses unless told
+
 
 @dataclass
 class ModelArgs:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mcti.diffusion import noised, row_errors
+from mcti.core.diffusion import noised, row_errors
+from mcti.core.model import ModelBundle
+from mcti.core.tokens import TokenSet, TokenTable
 from mcti.errors import UserError
-from mcti.model import ModelBundle
-from mcti.tokens import TokenSet, TokenTable
 
 
 @dataclass

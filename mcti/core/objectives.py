@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mcti.diffusion import noised, row_errors
-from mcti.model import ModelBundle
-from mcti.tokens import TEMPLATES, TokenSet, TokenTable
+from mcti.core.diffusion import noised, row_errors
+from mcti.core.model import ModelBundle
+from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
 
 
 @dataclass

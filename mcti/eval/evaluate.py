@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mcti.config import ScoreArgs
-from mcti.data import ImageFolder, load_images
+from mcti.core.model import ModelBundle, load_model
+from mcti.core.scoring import Classifier, Scores
+from mcti.core.store import load_tokens, read_meta
+from mcti.data.folders import ImageFolder, load_images
 from mcti.errors import UserError
-from mcti.model import ModelBundle, load_model
-from mcti.scoring import Classifier, Scores
-from mcti.store import load_tokens, read_meta
+from mcti.settings import ScoreArgs
 
 
 @dataclass

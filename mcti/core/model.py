@@ -172,7 +172,7 @@ def load_model(
     dtype = DTYPES[precision]
 
     if spec == "tiny-random":
-        from mcti.tiny import build_tiny_random
+        from mcti.core.tiny import build_tiny_random
 
         parts = build_tiny_random()
     else:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from mcti.core.scoring import Classifier, DiffusionScorer, parse_schedule, timestep_grid
+from mcti.core.tokens import TokenSet, TokenTable
 from mcti.errors import UserError
-from mcti.scoring import Classifier, DiffusionScorer, parse_schedule, timestep_grid
-from mcti.tokens import TokenSet, TokenTable
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import copy
 import torch
 from torch import nn
 
+from mcti.core.model import ModelBundle
 from mcti.errors import UserError
-from mcti.model import ModelBundle
 
 TEMPLATES = (
     "a photo of a {}",

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mcti.data import ImageFolder, few_shot, load_images
-from mcti.datasets import LAYOUTS, coop_few_shot, open_dataset, pick_shots
+from mcti.data.coop import LAYOUTS, coop_few_shot, open_dataset, pick_shots
+from mcti.data.folders import ImageFolder, few_shot, load_images
 from mcti.errors import UserError
 
 # Class names a split file carries; none may come out of open_dataset.

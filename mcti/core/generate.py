@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mcti.model import ModelBundle
-from mcti.tokens import TokenSet, TokenTable
+from mcti.core.model import ModelBundle
+from mcti.core.tokens import TokenSet, TokenTable
 
 
 @torch.no_grad()

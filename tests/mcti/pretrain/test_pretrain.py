@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mcti import realdata
+from mcti.data import offline as realdata
 
 HELD_OUT_NAMES = {"bird", "elephant", "zebra", "sandal", "bag"}
 
@@ -74,9 +74,9 @@ def test_write_folder_uses_opaque_keys(tmp_path):
 def test_true_name_classifier_equals_tokens_set_to_the_name_embeddings(tiny_bundle):
     """Reference: class tokens whose vectors are the names' own (single-token) embeddings give
     the same conditioning, hence the same scores, as prompting with the names."""
+    from mcti.core.scoring import Classifier
+    from mcti.core.tokens import TokenSet, TokenTable
     from mcti.pretrain import true_name_classifier
-    from mcti.scoring import Classifier
-    from mcti.tokens import TokenSet, TokenTable
 
     names = ["cat", "dog", "car"]
     ids = [tiny_bundle.tokenizer(n, add_special_tokens=False).input_ids for n in names]
@@ -94,7 +94,7 @@ def test_true_name_classifier_equals_tokens_set_to_the_name_embeddings(tiny_bund
 
 
 def test_quick_pretrain_writes_a_loadable_model(tmp_path):
-    from mcti.model import load_model
+    from mcti.core.model import load_model
     from mcti.pretrain import PretrainArgs, run
 
     out = tmp_path / "m"
@@ -137,7 +137,7 @@ EMBEDDED = Path(__file__).resolve().parents[2] / "mcti" / "assets" / "embedded-m
 
 @pytest.mark.skipif(not (EMBEDDED / "model_index.json").is_file(), reason="no embedded model")
 def test_embedded_model_files_match_their_hashes_and_load():
-    from mcti.model import load_model
+    from mcti.core.model import load_model
 
     lines = (EMBEDDED / "SHA256SUMS").read_text().split("\n")
     listed = {}

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from mcti.tokens import TokenSet, TokenTable
+from mcti.core.tokens import TokenSet, TokenTable
 
 
 def reference_encode(bundle, tokens: TokenSet, table: TokenTable, prompts: list[str]):

@@ -18,7 +18,7 @@ def _has_animal() -> bool:
 
 
 def test_demo_defaults_to_the_embedded_model():
-    from mcti.demo import DemoArgs
+    from mcti.cli.demo import DemoArgs
 
     assert DemoArgs().model == "embedded" and DemoArgs().shots == 5
 

@@ -1,6 +1,6 @@
 """`mcti pretrain`: train the embedded base model from scratch on offline captioned images.
 
-Two stages, both on the pretraining part of `mcti.realdata`'s fixed split (novel classes and
+Two stages, both on the pretraining part of `mcti.data.offline`'s fixed split (novel classes and
 held-out images are never touched):
 1. CLIP: a small CLIP text tower and ViT vision tower trained contrastively on (image, caption)
    pairs. Captions name the concept the way web captions do ("a photo of a sneaker"); images
@@ -14,7 +14,7 @@ held-out images are never touched):
 
 Output: a diffusers-format directory without vae/ (model_index.json, unet/, text_encoder/,
 tokenizer/, scheduler/) plus clip/ (transformers CLIPModel, text tower == text_encoder/), and
-pretrain.json (recipe, data, timings, true-name accuracy curve). `mcti.model.load_model(DIR)`
+pretrain.json (recipe, data, timings, true-name accuracy curve). `mcti.core.model.load_model(DIR)`
 loads it; the shipped `embedded` model is one such directory.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from mcti.errors import UserError
 
 DATASETS = ("animal-mnist", "fashion-mnist", "digits")
-# Caption templates: the prompt templates tokens are learned with (mcti.tokens.TEMPLATES), plus
+# Caption templates: the prompt templates tokens are learned with (mcti.core.tokens.TEMPLATES), plus
 # a few drawing-style ones; the concept's name goes into {}.
 EXTRA_TEMPLATES = (
     "a drawing of a {}",
@@ -69,7 +69,7 @@ class PretrainArgs:
     channels: str = "32,64,96"
     """UNet block channels, comma-separated (one CrossAttn block per entry)."""
     datasets: str = ",".join(DATASETS)
-    """Offline datasets whose seen classes are the concepts (see mcti/realdata.py)."""
+    """Offline datasets whose seen classes are the concepts (see mcti/data/offline.py)."""
     seed: int = 0
     """Seed of initialisation and every random draw."""
     threads: int = 1
@@ -98,7 +98,7 @@ def _quick(a: PretrainArgs) -> PretrainArgs:
 
 
 def captions_for(name: str) -> list[str]:
-    from mcti.tokens import TEMPLATES
+    from mcti.core.tokens import TEMPLATES
 
     return [t.format(name) for t in (*TEMPLATES, *EXTRA_TEMPLATES)]
 
@@ -107,8 +107,8 @@ def build_vocab(concept_names: list[str]) -> list[str]:
     """Whole words of the tokenizer: template words, concept names, generic words."""
     import re
 
-    from mcti.tiny import TINY_WORDS
-    from mcti.tokens import TEMPLATES
+    from mcti.core.tiny import TINY_WORDS
+    from mcti.core.tokens import TEMPLATES
 
     text = " ".join([*TEMPLATES, *EXTRA_TEMPLATES, *concept_names, GENERIC_WORD, *TINY_WORDS])
     words = re.findall(r"[a-z]+", text.lower().replace("{}", " "))
@@ -130,7 +130,7 @@ def to_pixels(split, indices, size: int):
     import torch
     from PIL import Image
 
-    from mcti.data import pil_to_tensor
+    from mcti.data.folders import pil_to_tensor
 
     out = torch.empty(len(indices), 1, size, size)
     for j, i in enumerate(indices.tolist() if hasattr(indices, "tolist") else indices):
@@ -145,7 +145,7 @@ def build_corpus(a: PretrainArgs, limit_per_class: int = 0) -> tuple[Corpus, dic
     """Pretraining images of every seen class of the chosen datasets, with concept ids."""
     import torch
 
-    from mcti.realdata import FLIP_OK, load_split
+    from mcti.data.offline import FLIP_OK, load_split
 
     px, cid, flip, names, source, splits = [], [], [], [], [], {}
     for ds in [d.strip() for d in a.datasets.split(",") if d.strip()]:
@@ -171,7 +171,7 @@ def build_parts(a: PretrainArgs, vocab: list[str]) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
-    from mcti.tiny import build_clip_tokenizer
+    from mcti.core.tiny import build_clip_tokenizer
 
     tiny = a.quick
     tokenizer = build_clip_tokenizer(vocab)
@@ -258,7 +258,7 @@ def image_features(clip, pixels):
     """Same computation as ModelBundle.clip_image_features, with gradients."""
     import torch
 
-    from mcti.model import CLIP_MEAN, CLIP_STD
+    from mcti.core.model import CLIP_MEAN, CLIP_STD
 
     size = clip.config.vision_config.image_size
     x = (pixels.float() + 1) / 2
@@ -374,7 +374,7 @@ def make_bundle(parts: dict, unet, text_encoder, device: str = "cpu"):
     """A ModelBundle over in-memory modules (for periodic evaluation)."""
     import torch
 
-    from mcti.model import ModelBundle, fingerprint_of
+    from mcti.core.model import ModelBundle, fingerprint_of
 
     return ModelBundle(
         tokenizer=parts["tokenizer"],
@@ -397,8 +397,8 @@ def true_name_classifier(
     zero-shot upper reference; the few-shot method never sees names)."""
     import torch
 
-    from mcti.scoring import Classifier
-    from mcti.tokens import TokenSet, TokenTable
+    from mcti.core.scoring import Classifier
+    from mcti.core.tokens import TokenSet, TokenTable
 
     tokens = TokenSet(bundle, len(names))
     table = TokenTable(len(names), 1, torch.zeros(bundle.hidden_size)).to(bundle.device)
@@ -429,7 +429,7 @@ def true_name_accuracy(
     (or novel) classes, among those classes only. Returns {dataset: acc, 'mean': ...}."""
     import torch
 
-    from mcti.realdata import held_out_sample
+    from mcti.data.offline import held_out_sample
 
     out, n_all, c_all = {}, 0, 0
     for ds, s in splits.items():
@@ -706,8 +706,8 @@ def measure(
 ) -> dict:
     """True-name accuracy of a saved model on held-out images: seen classes (the quality bar)
     and, for information, novel classes (names never seen in pretraining)."""
-    from mcti.model import load_model
-    from mcti.realdata import load_split
+    from mcti.core.model import load_model
+    from mcti.data.offline import load_split
 
     bundle = load_model(str(model_dir), device="cpu")
     info = json.loads((Path(model_dir) / "pretrain.json").read_text())
@@ -778,7 +778,7 @@ def model_card(info: dict, notes: str = "", sums: dict | None = None) -> str:
         "# mcti embedded model",
         "",
         "A small model of the Stable Diffusion architecture, trained from scratch on this",
-        "project's CPU by `mcti pretrain` (mcti/pretrain.py), shipped so that `mcti demo` and",
+        "project's CPU by `mcti pretrain` (mcti/pretrain/__init__.py), shipped so that `mcti demo` and",
         "`--model embedded` work offline. Pixel space (no VAE): "
         f"{a['resolution']}x{a['resolution']} RGB.",
         "",
@@ -798,7 +798,7 @@ def model_card(info: dict, notes: str = "", sums: dict | None = None) -> str:
         "",
         "## Data (offline, public) and what is held out",
         "",
-        f"Datasets: {', '.join(ds)} (see mcti/realdata.py; split seed `mcti.realdata.SPLIT_SEED`).",
+        f"Datasets: {', '.join(ds)} (see mcti/data/offline.py; split seed `mcti.data.offline.SPLIT_SEED`).",
         f"Concepts in pretraining ({len(info['concepts'])}): {', '.join(info['concepts'])}.",
         "",
         "Novel classes, never in pretraining (not even their names): "
@@ -810,7 +810,7 @@ def model_card(info: dict, notes: str = "", sums: dict | None = None) -> str:
         "(seeded). Every evaluation and the demo draw only from held-out images.",
         f"Pretraining images: {info['n_pretrain_images']:,}; concepts sampled uniformly.",
         "",
-        "Captions name the concept the way web captions do: the 13 `mcti.tokens.TEMPLATES` and 5",
+        "Captions name the concept the way web captions do: the 13 `mcti.core.tokens.TEMPLATES` and 5",
         "drawing-style templates ('a silhouette of a {}', ...), e.g. 'a photo of a sneaker'; "
         f"{a['generic_captions']:.0%} of captions use the generic word 'object' instead of the "
         f"name and {a['caption_dropout']:.0%} are empty (for classifier-free guidance).",

@@ -14,14 +14,14 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from mcti.atomic import atomic_save_safetensors, atomic_write_json
-from mcti.config import TrainArgs
-from mcti.data import ImageFolder, load_images
-from mcti.datasets import open_dataset, pick_shots
+from mcti.core.model import ModelBundle, load_model
+from mcti.core.objectives import Objective, ObjectiveSettings, sample_draws
+from mcti.core.store import save_tokens
+from mcti.core.tokens import TokenSet, TokenTable
+from mcti.data.coop import open_dataset, pick_shots
+from mcti.data.folders import ImageFolder, load_images
 from mcti.errors import UserError
-from mcti.model import ModelBundle, load_model
-from mcti.objectives import Objective, ObjectiveSettings, sample_draws
-from mcti.store import save_tokens
-from mcti.tokens import TokenSet, TokenTable
+from mcti.settings import TrainArgs
 
 
 def settings_of(cfg: TrainArgs) -> ObjectiveSettings:

@@ -1,6 +1,6 @@
 """`mcti demo`: the main job, end to end, on this machine in minutes.
 
-1. Writes held-out images of a real offline dataset (mcti.realdata; never used in pretraining)
+1. Writes held-out images of a real offline dataset (mcti.data.offline; never used in pretraining)
    as DIR/data/<opaque key>/<png>: the method sees keys like `c03`, never the class names.
 2. Learns one token per class from 5 shots (`mcti.train.train`, MC-TI) on the embedded model.
 3. Evaluates on the other held-out images (diffusion and clip scorers), beside a logistic
@@ -24,7 +24,7 @@ class DemoArgs:
     model: str = "embedded"
     """Base model: 'embedded' (shipped), 'tiny-random' or a diffusers directory."""
     dataset: str = "animal-mnist"
-    """Offline dataset: animal-mnist, fashion-mnist or digits (see mcti/realdata.py)."""
+    """Offline dataset: animal-mnist, fashion-mnist or digits (see mcti/data/offline.py)."""
     shots: int = 5
     """Training images per class."""
     eval_per_class: int = 20
@@ -85,7 +85,7 @@ def pixel_baseline(data, shot_idx: list[int], eval_idx: list[int], size: int) ->
     """Logistic regression on raw pixels of the same shots: the simplest few-shot baseline."""
     from sklearn.linear_model import LogisticRegression
 
-    from mcti.data import load_images
+    from mcti.data.folders import load_images
 
     xs, ks = load_images(data, shot_idx, size, quiet=True)
     xe, ke = load_images(data, eval_idx, size, quiet=True)
@@ -99,7 +99,7 @@ def true_name_baseline(bundle, data, eval_idx, names: dict, a: DemoArgs) -> floa
     """Zero-shot accuracy when the model is given the true names (reference only)."""
     import torch
 
-    from mcti.data import load_images
+    from mcti.data.folders import load_images
     from mcti.pretrain import true_name_classifier
 
     clf = true_name_classifier(
@@ -128,7 +128,7 @@ def samples_grid(bundle, tokens, table, classes, names, a: DemoArgs, path: Path)
     from tqdm import tqdm
 
     from mcti.atomic import atomic_write
-    from mcti.generate import generate, to_grid
+    from mcti.core.generate import generate, to_grid
 
     tile = 64
     rows = []
@@ -162,13 +162,13 @@ def run(a: DemoArgs) -> None:
     import torch
 
     from mcti.atomic import atomic_write_json
-    from mcti.config import ScoreArgs, TrainArgs
-    from mcti.data import scan_folder
-    from mcti.evaluate import eval_indices, evaluate, load_classifier, plot_confusion
-    from mcti.model import load_model
-    from mcti.realdata import held_out_sample, load_split, write_folder
-    from mcti.store import load_tokens
-    from mcti.train import train
+    from mcti.core.model import load_model
+    from mcti.core.store import load_tokens
+    from mcti.data.folders import scan_folder
+    from mcti.data.offline import held_out_sample, load_split, write_folder
+    from mcti.eval.evaluate import eval_indices, evaluate, load_classifier, plot_confusion
+    from mcti.settings import ScoreArgs, TrainArgs
+    from mcti.train.loop import train
 
     if a.quick:
         a = _quick(a)

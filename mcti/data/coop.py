@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from mcti.data import ImageFolder, few_shot, scan_folder
+from mcti.data.folders import ImageFolder, few_shot, scan_folder
 from mcti.errors import UserError
 
 SPLITS = ("train", "val", "test")

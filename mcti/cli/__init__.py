@@ -9,9 +9,9 @@ import os
 import sys
 import warnings
 
-from mcti.cli_args import add_dataclass_args, to_dataclass
-from mcti.config import ClassifyArgs, EvalArgs, GenerateArgs, TrainArgs
+from mcti.cli.args import add_dataclass_args, to_dataclass
 from mcti.errors import UserError
+from mcti.settings import ClassifyArgs, EvalArgs, GenerateArgs, TrainArgs
 
 
 def cmd_train(a: TrainArgs) -> None:
@@ -20,7 +20,7 @@ def cmd_train(a: TrainArgs) -> None:
 
         launch_local(a)
         return
-    from mcti.train import train
+    from mcti.train.loop import train
 
     p = train(a)
     print(
@@ -29,8 +29,8 @@ def cmd_train(a: TrainArgs) -> None:
 
 
 def cmd_eval(a: EvalArgs) -> None:
-    from mcti.datasets import open_dataset
-    from mcti.evaluate import eval_indices, evaluate, load_classifier, plot_confusion
+    from mcti.data.coop import open_dataset
+    from mcti.eval.evaluate import eval_indices, evaluate, load_classifier, plot_confusion
 
     data = open_dataset(a.data, "test", min_classes=1)
     loaded = load_classifier(a)
@@ -59,8 +59,8 @@ def cmd_eval(a: EvalArgs) -> None:
 def cmd_classify(a: ClassifyArgs) -> None:
     import torch
 
-    from mcti.data import load_image
-    from mcti.evaluate import load_classifier, score_all
+    from mcti.data.folders import load_image
+    from mcti.eval.evaluate import load_classifier, score_all
 
     if a.top_k < 1:
         raise UserError("--top-k must be >= 1")
@@ -97,9 +97,9 @@ def cmd_generate(a: GenerateArgs) -> None:
     from tqdm import tqdm
 
     from mcti.atomic import atomic_write
-    from mcti.generate import generate, to_grid
-    from mcti.model import load_model
-    from mcti.store import label_index, load_tokens, read_meta
+    from mcti.core.generate import generate, to_grid
+    from mcti.core.model import load_model
+    from mcti.core.store import label_index, load_tokens, read_meta
 
     if a.n < 1 or a.steps < 1:
         raise UserError("--n and --steps must be >= 1")
@@ -136,7 +136,7 @@ COMMANDS = {
 # Each module keeps its top-level imports light (torch etc. inside functions).
 PLUGINS = {
     "demo": (
-        "mcti.demo",
+        "mcti.cli.demo",
         "DemoArgs",
         "run",
         "the main job: few-shot tokens on real data with the embedded model",
@@ -147,7 +147,7 @@ PLUGINS = {
         "run",
         "train the embedded base model from scratch",
     ),
-    "serve": ("serving.cli", "ServeArgs", "run", "serve classification over HTTP (Ray Serve)"),
+    "serve": ("mcti.cli.serve", "ServeArgs", "run", "serve classification over HTTP (Ray Serve)"),
 }
 
 

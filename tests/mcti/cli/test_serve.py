@@ -46,8 +46,8 @@ def alive(pid: int) -> bool:
 
 
 def test_mcti_serve_runs_and_stops_on_ctrl_c(tmp_path, tiny_bundle):
-    from mcti.store import save_tokens
-    from mcti.tokens import TokenTable
+    from mcti.core.store import save_tokens
+    from mcti.core.tokens import TokenTable
 
     table = TokenTable(3, 1, torch.zeros(tiny_bundle.hidden_size))
     with torch.no_grad():

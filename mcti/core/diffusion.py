@@ -4,7 +4,7 @@ scorer and the training objectives)."""
 import torch
 
 from kernels import denoise_errors
-from mcti.model import ModelBundle
+from mcti.core.model import ModelBundle
 
 
 def noised(

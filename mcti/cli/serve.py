@@ -16,8 +16,7 @@ import time
 from dataclasses import dataclass
 
 from mcti.errors import UserError
-
-DEFAULT_MODEL = "embedded"  # base model served unless told (serving.config uses it too)
+from mcti.settings import DEFAULT_MODEL
 
 
 @dataclass
