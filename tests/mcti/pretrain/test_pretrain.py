@@ -132,7 +132,7 @@ def test_pretraining_concepts_exclude_novel_classes():
     assert len(set(corpus.concept.tolist())) == len(corpus.names)
 
 
-EMBEDDED = Path(__file__).resolve().parents[2] / "mcti" / "assets" / "embedded-model"
+EMBEDDED = Path(__file__).resolve().parents[3] / "mcti" / "assets" / "embedded-model"
 
 
 @pytest.mark.skipif(not (EMBEDDED / "model_index.json").is_file(), reason="no embedded model")
