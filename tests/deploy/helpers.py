@@ -5,6 +5,8 @@ from functools import cache
 from pathlib import Path
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 try:
     import tomllib
@@ -75,17 +77,30 @@ def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def pins() -> dict[str, str]:
-    """{name: version} of every `name==version` dependency in pyproject.toml (extras included)."""
-    p = pyproject()["project"]
-    reqs = list(p["dependencies"]) + [
-        r for rs in p.get("optional-dependencies", {}).values() for r in rs
-    ]
+CONSTRAINTS = REPO / "deploy" / "constraints.txt"
+
+
+@cache
+def constraints() -> dict[str, str]:
+    """{name: version} of deploy/constraints.txt, the one file of exact versions."""
     out = {}
-    for r in reqs:
-        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^;\s]+)", r.strip())
-        if m:
-            out[m[1].lower()] = m[3]
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: '{line}' is not name==version"
+            key = canonicalize_name(name)
+            assert key not in out, f"constraints.txt pins {name} twice"
+            out[key] = version
+    return out
+
+
+def requirements() -> dict[str, list[Requirement]]:
+    """pyproject.toml's requirements: {"core": [...], "<extra>": [...]}."""
+    p = pyproject()["project"]
+    out = {"core": [Requirement(r) for r in p["dependencies"]]}
+    for extra, reqs in p.get("optional-dependencies", {}).items():
+        out[extra] = [Requirement(r) for r in reqs]
     return out
 
 

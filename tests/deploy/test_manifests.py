@@ -20,11 +20,11 @@ from tests.deploy.helpers import (
     K8S,
     REPO,
     all_of,
+    constraints,
     dockerfile_instructions,
     documents,
     manifest_files,
     one,
-    pins,
     pod_labels,
     pod_specs,
     pyproject,
@@ -402,7 +402,7 @@ def test_one_image_everywhere():
 
 
 def test_ray_version_is_the_pinned_one():
-    assert one("RayService")["spec"]["rayClusterConfig"]["rayVersion"] == pins()["ray"]
+    assert one("RayService")["spec"]["rayClusterConfig"]["rayVersion"] == constraints()["ray"]
 
 
 def volume_source(v: dict) -> str:
