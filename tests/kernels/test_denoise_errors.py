@@ -215,6 +215,40 @@ def test_bad_inputs_rejected(case):
     assert "\n" not in str(info.value) and str(info.value).startswith("denoise_errors:")
 
 
+WITHOUT_TRITON = """
+import torch
+import kernels
+DE = sys.modules["kernels.denoise_errors"]
+assert DE.triton_path is None and not DE.HAS_TRITON and not DE.INTERPRET
+assert not DE.uses_triton("cuda") and not DE.uses_triton("cpu")
+g = torch.Generator().manual_seed(0)
+pred = torch.randn(9, 3, 7, 11, generator=g, requires_grad=True)
+eps = torch.randn(2, 3, 7, 11, generator=g, requires_grad=True)
+idx = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
+w = torch.rand(9, generator=g) + 0.5
+out = kernels.denoise_errors(pred, eps, idx, w)
+out.sum().backward()
+p64, e64 = (t.detach().double().requires_grad_() for t in (pred, eps))
+ref = ((p64.flatten(1) - e64.flatten(1)[idx]) ** 2).mean(1) * w.double()
+ref.sum().backward()
+torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+torch.testing.assert_close(pred.grad.double(), p64.grad, rtol=1e-5, atol=1e-7)
+torch.testing.assert_close(eps.grad.double(), e64.grad, rtol=1e-5, atol=1e-7)
+assert_still_blocked()
+print("ok")
+"""
+
+
+def test_torch_path_without_triton(tmp_path):
+    """Without the `triton` extra the module imports, dispatches every device (CUDA included) to
+    the PyTorch path, and gets forward and both grads right."""
+    from tests.blocked_imports import run_without
+
+    run = run_without(["triton"], WITHOUT_TRITON, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@pytest.mark.skipif(TRI is None, reason="triton not installed (the `triton` extra)")
 @pytest.mark.skipif(DE.INTERPRET, reason="interpreter already active: cases ran in this process")
 def test_interpreter_suite():
     """Re-run the "interp" cases in a fresh process where TRITON_INTERPRET=1 precedes the imports."""
