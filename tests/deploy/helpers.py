@@ -15,8 +15,12 @@ except ModuleNotFoundError:  # Python 3.10
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
-# CI runs in a fresh clone with a copy of shared/ beside it, as here: ../shared from the repo root.
-SHARED = REPO.parent / "shared"
+# CI runs in a fresh clone with a copy of shared/ beside it (../shared from the repo root); a
+# worktree one level deeper (e.g. wt/NAME) finds the same folder further up.
+SHARED = next(
+    (p / "shared" for p in REPO.parents if (p / "shared" / "crds" / "kuberay").is_dir()),
+    REPO.parent / "shared",
+)
 CRDS = SHARED / "crds" / "kuberay"
 
 
