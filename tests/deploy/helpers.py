@@ -2,7 +2,7 @@
 
 import re
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 from packaging.requirements import Requirement
@@ -110,6 +110,59 @@ def requirements() -> dict[str, list[Requirement]]:
 
 def serve_config_path() -> Path:
     return REPO / "serving" / "serve_config.yaml"
+
+
+# --- shared by the manifest tests ---------------------------------------------------------------
+
+
+def kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def containers(spec: dict) -> list[dict]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def serve_v2() -> dict:
+    return yaml.safe_load(one("RayService")["spec"]["serveConfigV2"])
+
+
+def worker_groups() -> list[dict]:
+    return one("RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+
+
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+def substituted_args(container: dict) -> list[str]:
+    """The container's args with Kubernetes' $(VAR) expansion; the completion index reads as 0."""
+    env = {e["name"]: e for e in container.get("env", [])}
+
+    def value(m: re.Match) -> str:
+        assert m[1] in env, f"$({m[1]}) is not defined in the container's env"
+        e = env[m[1]]
+        if "value" in e:
+            return e["value"]
+        assert e["valueFrom"]["fieldRef"]["fieldPath"] == COMPLETION_INDEX
+        return "0"
+
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value, a) for a in container["args"]]
+
+
+def mount_of(container: dict, path: str) -> dict:
+    """The volumeMount a path lies under (the deepest one)."""
+    best = None
+    for m in container.get("volumeMounts", []):
+        if PurePosixPath(path).is_relative_to(m["mountPath"]):
+            if best is None or len(m["mountPath"]) > len(best["mountPath"]):
+                best = m
+    assert best is not None, f"'{path}' is on no volume of container {container['name']}"
+    return best
+
+
+def claim_of(spec: dict, volume_name: str) -> str:
+    (vol,) = [v for v in spec["volumes"] if v["name"] == volume_name]
+    return vol.get("persistentVolumeClaim", {}).get("claimName", "")
 
 
 # --- Dockerfile --------------------------------------------------------------------------------
