@@ -1,4 +1,5 @@
-"""Fused kernels used by the MC-TI scorer and objectives (Triton on CUDA, PyTorch on CPU).
+"""Fused kernels used by the MC-TI scorer and objectives (Triton on CUDA, PyTorch on CPU and
+wherever the `triton` extra is not installed).
 
 Name clash: Hugging Face's `kernels` library has this import name, and transformers probes it by
 distribution version (ours resolves to `mcti`, far below its supported range) or, when no

@@ -6,87 +6,30 @@ that copies eps K times, a diff, a square and a mean, each a full (R, N) round t
 (and an fp32 copy of everything for bf16 inputs). Here every input element is read once, squared
 and summed in fp32 registers; only (R,) floats are written.
 
-Dispatch: CUDA tensors -> Triton. CPU tensors -> a chunked PyTorch path with the same semantics,
-unless TRITON_INTERPRET=1 was set before this module was imported: then the Triton kernels run on
-CPU tensors through Triton's interpreter (that is how CI tests them).
+Dispatch: CUDA tensors -> the Triton kernels (kernels/denoise_errors_triton.py). CPU tensors -> a
+chunked PyTorch path with the same semantics, unless TRITON_INTERPRET=1 was set before this module
+was imported: then the Triton kernels run on CPU tensors through Triton's interpreter (that is how
+CI tests them). Without triton installed (it is the `triton` extra) every tensor takes the PyTorch
+path, so the core classifies and trains on CPU without it.
 """
 
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-# Read once, at import, from the same knob that made @triton.jit build interpreted kernels below.
-INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+try:
+    from kernels import denoise_errors_triton as triton_path
+except ImportError as e:  # no `triton` extra: every tensor, CUDA included, takes the PyTorch path
+    if (e.name or "").partition(".")[0] != "triton":
+        raise  # a broken module of ours is an error, not a missing extra
+    triton_path = None
+
+HAS_TRITON: bool = triton_path is not None
+# TRITON_INTERPRET=1 before import: CPU tensors run the Triton kernels in Triton's interpreter.
+INTERPRET: bool = HAS_TRITON and triton_path.INTERPRET
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TORCH_CHUNK_ELEMS = 1 << 20  # CPU path: rows per chunk * N stays near this (4 MiB of fp32)
-
-
-@triton.jit
-def _fwd_kernel(
-    pred_ptr,  # (R, N) any float dtype
-    eps_ptr,  # (B, N)
-    idx_ptr,  # (R,) int32/int64, row -> image
-    w_ptr,  # (R,) fp32, unused unless HAS_W
-    part_ptr,  # (R, n_chunks) fp32 partial errors
-    N,
-    n_chunks,
-    span,  # elements per chunk, a multiple of BLOCK
-    HAS_W: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    img = tl.load(idx_ptr + row).to(tl.int64)
-    pred_row = pred_ptr + row.to(tl.int64) * N  # int64: R * N can pass 2**31
-    eps_row = eps_ptr + img * N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    start = chunk * span
-    for off in range(start, start + span, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        mask = cols < N
-        p = tl.load(pred_row + cols, mask=mask, other=0.0).to(tl.float32)
-        e = tl.load(eps_row + cols, mask=mask, other=0.0).to(tl.float32)
-        acc += (p - e) * (p - e)
-    err = tl.sum(acc, axis=0) / N
-    if HAS_W:
-        err = err * tl.load(w_ptr + row)
-    tl.store(part_ptr + row * n_chunks + chunk, err)
-
-
-@triton.jit
-def _bwd_kernel(
-    pred_ptr,  # (R, N)
-    eps_ptr,  # (B, N)
-    idx_ptr,  # (R,)
-    w_ptr,  # (R,) fp32, unused unless HAS_W
-    g_ptr,  # (R,) fp32 upstream gradient
-    gpred_ptr,  # (R, N) in pred's dtype, written if PRED_GRAD
-    geps_ptr,  # (B, N) fp32 zeros, accumulated if EPS_GRAD
-    N,
-    HAS_W: tl.constexpr,
-    PRED_GRAD: tl.constexpr,
-    EPS_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    img = tl.load(idx_ptr + row).to(tl.int64)
-    scale = tl.load(g_ptr + row) * 2.0 / N
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + row)
-    p = tl.load(pred_ptr + row.to(tl.int64) * N + cols, mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(eps_ptr + img * N + cols, mask=mask, other=0.0).to(tl.float32)
-    grad = scale * (p - e)  # (BLOCK,) d err / d pred
-    if PRED_GRAD:
-        out = gpred_ptr + row.to(tl.int64) * N + cols
-        tl.store(out, grad.to(gpred_ptr.dtype.element_ty), mask=mask)
-    if EPS_GRAD:
-        # Several rows share one image: sum their contributions (fp32 atomics, order-free).
-        tl.atomic_add(geps_ptr + img * N + cols, -grad, mask=mask)
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -94,50 +37,12 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _split(N: int, R: int, BLOCK: int, target: int) -> tuple[int, int, int]:
-    """(BLOCK, n_chunks, span): cut each row into chunks so that R * n_chunks ~ target programs."""
-    n_blocks = triton.cdiv(N, BLOCK)
-    per_chunk = triton.cdiv(n_blocks, min(n_blocks, max(1, target // R)))
-    return BLOCK, triton.cdiv(n_blocks, per_chunk), per_chunk * BLOCK
-
-
-def _blocks(N: int, R: int, device: torch.device) -> tuple[int, int, int]:
-    if INTERPRET:  # the interpreter pays per program and per op, not per element: few, big blocks
-        return _split(N, R, min(triton.next_power_of_2(N), 1 << 14), target=1)
-    # Few rows (R=32 at SD-1.5 size is 32 programs on 132 SMs) would leave the GPU idle:
-    # aim at ~4 programs per SM; their partial sums are added by a tiny (R, n_chunks) sum.
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return _split(N, R, min(max(triton.next_power_of_2(N), 16), 2048), target=4 * sms)
-
-
-def _warps(BLOCK: int) -> int:
-    return 8 if BLOCK >= 2048 else 4  # 8+ elements per thread: 16-byte loads for bf16 and fp32
-
-
 def _fwd_triton(pred, eps, idx, w):  # (R, N), (B, N), (R,), (R,)|None -> (R,) fp32
-    R, N = pred.shape
-    BLOCK, n_chunks, span = _blocks(N, R, pred.device)
-    part = _alloc((R, n_chunks), torch.float32, pred.device)  # (R, C)
-    w_arg = w if w is not None else part  # any pointer; never read when HAS_W is False
-    _fwd_kernel[(R, n_chunks)](
-        pred, eps, idx, w_arg, part, N, n_chunks, span, HAS_W=w is not None, BLOCK=BLOCK,
-        num_warps=_warps(BLOCK),
-    )  # fmt: skip
-    return part.view(R) if n_chunks == 1 else part.sum(dim=1)
+    return triton_path.forward(pred, eps, idx, w, alloc=_alloc)
 
 
 def _bwd_triton(g, pred, eps, idx, w, need_pred: bool, need_eps: bool):
-    R, N = pred.shape
-    BLOCK = min(max(triton.next_power_of_2(N), 16), (1 << 14) if INTERPRET else 2048)
-    gpred = _alloc(pred.shape, pred.dtype, pred.device) if need_pred else None
-    geps = torch.zeros(eps.shape, dtype=torch.float32, device=eps.device) if need_eps else None
-    _bwd_kernel[(R, triton.cdiv(N, BLOCK))](
-        pred, eps, idx, w if w is not None else g, g,
-        gpred if need_pred else g, geps if need_eps else g, N,
-        HAS_W=w is not None, PRED_GRAD=need_pred, EPS_GRAD=need_eps, BLOCK=BLOCK,
-        num_warps=_warps(BLOCK),
-    )  # fmt: skip
-    return gpred, geps
+    return triton_path.backward(g, pred, eps, idx, w, need_pred, need_eps, alloc=_alloc)
 
 
 def _fwd_torch(pred, eps, idx, w):  # CPU path, chunked over rows: no (R, N) copy of eps
@@ -172,8 +77,9 @@ def _bwd_torch(g, pred, eps, idx, w, need_pred: bool, need_eps: bool):
 
 
 def uses_triton(device: torch.device | str) -> bool:
-    """True when tensors on `device` go through the Triton kernels (CUDA, or the interpreter)."""
-    return torch.device(device).type == "cuda" or INTERPRET
+    """True when tensors on `device` go through the Triton kernels (CUDA, or the interpreter);
+    always False without triton installed."""
+    return HAS_TRITON and (torch.device(device).type == "cuda" or INTERPRET)
 
 
 class DenoiseErrors(torch.autograd.Function):

@@ -1,4 +1,9 @@
-"""Shared fixtures: a synthetic labelled image folder and the tiny-random model (CPU, fp32)."""
+"""Shared fixtures: a synthetic labelled image folder and the tiny-random model (CPU, fp32).
+
+Skips: locally a test may skip when something optional is missing (a dataset, an extra), and its
+reason shows in the `-ra` summary. Under CI=true (.ci/run), where every extra and dataset is
+installed, a skip means something is missing: it fails instead, unless the test is marked `gpu`.
+"""
 
 import os
 from pathlib import Path
@@ -8,6 +13,35 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+CI_SKIP = "skipped under CI=true, where every extra and dataset is installed: "
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if CI and report.skipped and not hasattr(report, "wasxfail"):
+        if item.get_closest_marker("gpu") is None:
+            report.outcome = "failed"
+            report.longrepr = CI_SKIP + _skip_reason(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """Module-level skips (pytest.importorskip at the top of a file) under CI=true fail too."""
+    outcome = yield
+    report = outcome.get_result()
+    if CI and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = CI_SKIP + _skip_reason(report)
+
 
 COLORS = [(220, 40, 40), (40, 40, 220), (40, 200, 40), (200, 200, 40)]
 

@@ -114,7 +114,10 @@ def eval_indices(data: ImageFolder, meta: dict, include_train: bool, limit: int)
 
 
 def plot_confusion(result: dict, path: str | Path, title: str = "") -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:  # an extra, not part of the core
+        raise UserError("--plot needs matplotlib: pip install 'mcti[plots]'") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

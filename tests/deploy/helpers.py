@@ -2,9 +2,11 @@
 
 import re
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 try:
     import tomllib
@@ -13,8 +15,12 @@ except ModuleNotFoundError:  # Python 3.10
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
-# CI runs in a fresh clone with a copy of shared/ beside it, as here: ../shared from the repo root.
-SHARED = REPO.parent / "shared"
+# CI runs in a fresh clone with a copy of shared/ beside it (../shared from the repo root); a
+# worktree one level deeper (e.g. wt/NAME) finds the same folder further up.
+SHARED = next(
+    (p / "shared" for p in REPO.parents if (p / "shared" / "crds" / "kuberay").is_dir()),
+    REPO.parent / "shared",
+)
 CRDS = SHARED / "crds" / "kuberay"
 
 
@@ -75,22 +81,88 @@ def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def pins() -> dict[str, str]:
-    """{name: version} of every `name==version` dependency in pyproject.toml (extras included)."""
-    p = pyproject()["project"]
-    reqs = list(p["dependencies"]) + [
-        r for rs in p.get("optional-dependencies", {}).values() for r in rs
-    ]
+CONSTRAINTS = REPO / "deploy" / "constraints.txt"
+
+
+@cache
+def constraints() -> dict[str, str]:
+    """{name: version} of deploy/constraints.txt, the one file of exact versions."""
     out = {}
-    for r in reqs:
-        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^;\s]+)", r.strip())
-        if m:
-            out[m[1].lower()] = m[3]
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: '{line}' is not name==version"
+            key = canonicalize_name(name)
+            assert key not in out, f"constraints.txt pins {name} twice"
+            out[key] = version
+    return out
+
+
+def requirements() -> dict[str, list[Requirement]]:
+    """pyproject.toml's requirements: {"core": [...], "<extra>": [...]}."""
+    p = pyproject()["project"]
+    out = {"core": [Requirement(r) for r in p["dependencies"]]}
+    for extra, reqs in p.get("optional-dependencies", {}).items():
+        out[extra] = [Requirement(r) for r in reqs]
     return out
 
 
 def serve_config_path() -> Path:
     return REPO / "serving" / "serve_config.yaml"
+
+
+# --- shared by the manifest tests ---------------------------------------------------------------
+
+
+def kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def containers(spec: dict) -> list[dict]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def serve_v2() -> dict:
+    return yaml.safe_load(one("RayService")["spec"]["serveConfigV2"])
+
+
+def worker_groups() -> list[dict]:
+    return one("RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+
+
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+def substituted_args(container: dict) -> list[str]:
+    """The container's args with Kubernetes' $(VAR) expansion; the completion index reads as 0."""
+    env = {e["name"]: e for e in container.get("env", [])}
+
+    def value(m: re.Match) -> str:
+        assert m[1] in env, f"$({m[1]}) is not defined in the container's env"
+        e = env[m[1]]
+        if "value" in e:
+            return e["value"]
+        assert e["valueFrom"]["fieldRef"]["fieldPath"] == COMPLETION_INDEX
+        return "0"
+
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value, a) for a in container["args"]]
+
+
+def mount_of(container: dict, path: str) -> dict:
+    """The volumeMount a path lies under (the deepest one)."""
+    best = None
+    for m in container.get("volumeMounts", []):
+        if PurePosixPath(path).is_relative_to(m["mountPath"]):
+            if best is None or len(m["mountPath"]) > len(best["mountPath"]):
+                best = m
+    assert best is not None, f"'{path}' is on no volume of container {container['name']}"
+    return best
+
+
+def claim_of(spec: dict, volume_name: str) -> str:
+    (vol,) = [v for v in spec["volumes"] if v["name"] == volume_name]
+    return vol.get("persistentVolumeClaim", {}).get("claimName", "")
 
 
 # --- Dockerfile --------------------------------------------------------------------------------

@@ -1,24 +1,25 @@
-"""deploy/Dockerfile and .dockerignore: CUDA runtime base matching the torch wheel, versions pinned
-as in pyproject.toml, the package installed with the gpu extra, a non-root user, and no model
-weights in the build context or the image. (The image is never built in CI: these read files.)"""
+"""deploy/Dockerfile and .dockerignore: CUDA runtime base matching the torch wheel, every version
+pinned by the one constraints file (which the Makefile and CI install with too), the package
+installed with the cluster's extras, a non-root user, and no model weights in the build context or
+the image. (The image is never built in CI: these read files.)"""
 
 import os
 import re
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
 
 from tests.deploy.helpers import (
     REPO,
+    constraints,
     dockerfile_instructions,
     dockerignore_rules,
     excluded,
-    pins,
-    pyproject,
+    requirements,
 )
 
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
-CONSTRAINTS = REPO / "deploy" / "constraints.txt"
 WEIGHT_SUFFIXES = (
     ".safetensors",
     ".bin",
@@ -49,18 +50,6 @@ def runs() -> str:
     return "\n".join(args for ins, args in instructions() if ins == "RUN")
 
 
-def constraints() -> dict[str, str]:
-    out = {}
-    for line in CONSTRAINTS.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            name, sep, version = line.partition("==")
-            assert sep and version, f"constraints.txt: '{line}' is not name==version"
-            assert name.lower() not in out, f"constraints.txt pins {name} twice"
-            out[name.lower()] = version
-    return out
-
-
 def test_cuda_runtime_base_matches_the_torch_index():
     args = arg_defaults()
     (base,) = [a for ins, a in instructions() if ins == "FROM"]
@@ -72,24 +61,80 @@ def test_cuda_runtime_base_matches_the_torch_index():
     assert args["TORCH_INDEX"] == f"https://download.pytorch.org/whl/cu{m[1]}{m[2]}"
 
 
-def test_versions_pinned_as_in_pyproject():
-    args, p = arg_defaults(), pins()
-    assert args["TORCH_VERSION"] == p["torch"] == "2.13.0"
-    assert args["XFORMERS_VERSION"] == p["xformers"] == "0.0.35"
-    r = runs()
-    assert '--index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in r
-    assert re.search(
-        r'pip install -c deploy/constraints\.txt "\.\[gpu\]" "xformers==\$\{XFORMERS_VERSION\}"', r
-    )
-    # the lock agrees with every == pin of pyproject.toml and covers every dependency
+def test_constraints_pin_every_requirement_within_its_range():
+    """pyproject.toml holds ranges, constraints.txt the exact versions: every requirement of the
+    core and of every extra is pinned there, inside its range (markers evaluated here)."""
     c = constraints()
-    for name, version in p.items():
-        assert c.get(name) == version, (
-            f"constraints.txt pins {name}=={c.get(name)}, pyproject {version}"
-        )
-    for dep in pyproject()["project"]["dependencies"]:
-        name = re.match(r"[A-Za-z0-9_.-]+", dep)[0].lower()
-        assert name in c, f"constraints.txt does not pin {name}"
+    for group, reqs in requirements().items():
+        for r in reqs:
+            if r.marker is not None and not r.marker.evaluate({"extra": group}):
+                continue
+            name = canonicalize_name(r.name)
+            assert name in c, f"constraints.txt does not pin {r.name} ([{group}])"
+            assert r.specifier.contains(c[name], prereleases=True), (
+                f"constraints.txt pins {r.name}=={c[name]} outside [{group}]'s '{r}'"
+            )
+
+
+def test_core_has_ranges_and_no_extra_packages():
+    """The core is what `pip install mcti` pulls: ranges only, and none of the packages that only
+    serving, DeepSpeed training, the Triton kernels, plots or the demo need."""
+    core = requirements()["core"]
+    assert all(not any(s.operator == "==" for s in r.specifier) for r in core), core
+    names = {canonicalize_name(r.name) for r in core}
+    extras_only = {"ray", "deepspeed", "triton", "matplotlib", "scikit-learn", "python-multipart"}
+    assert not names & extras_only, names & extras_only
+    assert {"torch", "diffusers", "transformers", "safetensors"} <= names
+
+
+def test_torch_is_pinned_everywhere_pip_runs():
+    """Unpinned, pip would pull a multi-GB CUDA build of torch: one exact version, in the
+    constraints file, and the Docker image's CUDA build is that version."""
+    assert re.fullmatch(r"\d+\.\d+\.\d+", constraints()["torch"]), constraints()["torch"]
+    assert arg_defaults()["TORCH_VERSION"] == constraints()["torch"] == "2.13.0"
+    assert '--index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in runs()
+    for where, cmd in pip_installs():
+        if "torch==${TORCH_VERSION}" in cmd or re.fullmatch(r".*install (-q )?--upgrade pip", cmd):
+            continue  # the CUDA build from its own index, pinned by the line itself; pip itself
+        assert re.search(r"(^| )-c deploy/constraints\.txt( |$)", cmd), f"{where}: {cmd}"
+
+
+def make_variables(text: str) -> dict[str, str]:
+    out = {}
+    for m in re.finditer(r"^([A-Z_]+)\s*[:?]?=\s*(.*)$", text, flags=re.M):
+        out[m[1]] = m[2].strip()
+    return out
+
+
+def expand(text: str, variables: dict[str, str]) -> str:
+    for _ in range(5):  # nested $(VAR)s
+        text = re.sub(r"\$\((\w+)\)", lambda m: variables.get(m[1], m[0]), text)
+    return text
+
+
+def pip_installs() -> list[tuple[str, str]]:
+    """(file, command) for every `pip install` of the Dockerfile, the Makefile and .ci/run."""
+    docker = [cmd for run in runs().splitlines() for cmd in run.split("&&")]
+    out = [("Dockerfile", " ".join(cmd.split())) for cmd in docker]
+    make = (REPO / "Makefile").read_text()
+    recipes = [line for line in make.splitlines() if line.startswith("\t")]  # not the PIP := line
+    out += [("Makefile", expand(line.strip(), make_variables(make))) for line in recipes]
+    out += [(".ci/run", line.strip()) for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    return [(w, c) for w, c in out if "pip install" in c and not c.startswith("#")]
+
+
+def test_makefile_and_ci_install_with_the_constraints_file():
+    installs = pip_installs()
+    assert [w for w, _ in installs].count("Makefile") >= 2, installs
+    for where, cmd in installs:
+        m = re.search(r'-e "\.\[([\w,]+)\]"', cmd)
+        if where == "Makefile" and m:  # make setup installs every extra but the GPU-only one
+            assert set(m[1].split(",")) == set(requirements()) - {"core", "gpu"}, cmd
+    m = re.search(r'"\.\[([\w,]+)\]"', runs())
+    assert m and {"serve", "distributed", "triton", "gpu"} <= set(m[1].split(","))
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "export CI=true" in ci
+    assert ci.index("make lint") < ci.index("make test"), "CI lints first, then tests"
 
 
 def test_runs_as_a_non_root_user():

@@ -1,6 +1,7 @@
 """kernels.denoise_errors against an independent float64 reference, on three backends.
 
-- "torch":  the CPU PyTorch path (always runs here).
+- "torch":  the CPU PyTorch path (always runs here; `test_torch_path_without_triton` also runs it
+  with triton unimportable, as the core runs without the `triton` extra).
 - "interp": the Triton kernels under TRITON_INTERPRET=1 on CPU tensors. The flag must be set before
   triton/kernels are imported, and setting it in this process would leak into every other test
   folder of the suite (their CPU calls would crawl through the interpreter). So unless this process
@@ -22,6 +23,7 @@ import torch
 from kernels import denoise_errors
 
 DE = sys.modules["kernels.denoise_errors"]  # the module; `kernels.denoise_errors` is the function
+TRI = DE.triton_path  # kernels.denoise_errors_triton, or None without triton installed
 CHILD_FLAG = "MCTI_KERNELS_INTERP_CHILD"
 if os.environ.get(CHILD_FLAG) == "1" and not DE.INTERPRET:  # module-level: fail loudly, never skip
     raise RuntimeError("interpreter child started but kernels were not built in interpreter mode")
@@ -70,9 +72,10 @@ def backend(request, monkeypatch):
     if name == "torch":
         monkeypatch.setattr(DE, "INTERPRET", False)  # CPU tensors -> PyTorch path
         monkeypatch.setattr(DE, "_TORCH_CHUNK_ELEMS", 300)  # several row chunks per call
-    fwd, bwd = _Counted(DE._fwd_kernel), _Counted(DE._bwd_kernel)
-    monkeypatch.setattr(DE, "_fwd_kernel", fwd)
-    monkeypatch.setattr(DE, "_bwd_kernel", bwd)
+    if TRI is not None:
+        fwd, bwd = _Counted(TRI._fwd_kernel), _Counted(TRI._bwd_kernel)
+        monkeypatch.setattr(TRI, "_fwd_kernel", fwd)
+        monkeypatch.setattr(TRI, "_bwd_kernel", bwd)
     # Poison every output buffer: an element the kernel forgets to write stays NaN and fails.
     monkeypatch.setattr(
         DE,
@@ -83,7 +86,8 @@ def backend(request, monkeypatch):
     assert DE.uses_triton(device) == (name != "torch")
     yield device
     if name == "torch":
-        assert fwd.launches == bwd.launches == 0, "PyTorch path launched a Triton kernel"
+        if TRI is not None:
+            assert fwd.launches == bwd.launches == 0, "PyTorch path launched a Triton kernel"
     else:
         assert fwd.launches > 0, f"{name}: the Triton forward kernel never ran"
 
@@ -164,8 +168,8 @@ def test_int32_index_and_single_element_samples(backend):
 @pytest.mark.parametrize("backend", TRITON_BACKENDS, indirect=True)
 def test_chunked_rows(backend, monkeypatch):
     """Few rows are split over several programs on a GPU; force that split at a small size."""
-    monkeypatch.setattr(DE, "_blocks", lambda N, R, device: DE._split(N, R, 64, target=3 * R))
-    assert DE._blocks(1000, 4, backend)[1:] == (3, 384)  # 3 chunks, each looping over 6 blocks
+    monkeypatch.setattr(TRI, "_blocks", lambda N, R, device: TRI._split(N, R, 64, target=3 * R))
+    assert TRI._blocks(1000, 4, backend)[1:] == (3, 384)  # 3 chunks, each looping over 6 blocks
     pred, eps, idx, w = _inputs(4, 2, (1000,), torch.bfloat16, backend, seed=6)
     out = denoise_errors(pred, eps, idx, w)
     torch.testing.assert_close(out.double(), reference(pred, eps, idx, w), rtol=FWD_RTOL, atol=0)
@@ -211,6 +215,40 @@ def test_bad_inputs_rejected(case):
     assert "\n" not in str(info.value) and str(info.value).startswith("denoise_errors:")
 
 
+WITHOUT_TRITON = """
+import torch
+import kernels
+DE = sys.modules["kernels.denoise_errors"]
+assert DE.triton_path is None and not DE.HAS_TRITON and not DE.INTERPRET
+assert not DE.uses_triton("cuda") and not DE.uses_triton("cpu")
+g = torch.Generator().manual_seed(0)
+pred = torch.randn(9, 3, 7, 11, generator=g, requires_grad=True)
+eps = torch.randn(2, 3, 7, 11, generator=g, requires_grad=True)
+idx = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
+w = torch.rand(9, generator=g) + 0.5
+out = kernels.denoise_errors(pred, eps, idx, w)
+out.sum().backward()
+p64, e64 = (t.detach().double().requires_grad_() for t in (pred, eps))
+ref = ((p64.flatten(1) - e64.flatten(1)[idx]) ** 2).mean(1) * w.double()
+ref.sum().backward()
+torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+torch.testing.assert_close(pred.grad.double(), p64.grad, rtol=1e-5, atol=1e-7)
+torch.testing.assert_close(eps.grad.double(), e64.grad, rtol=1e-5, atol=1e-7)
+assert_still_blocked()
+print("ok")
+"""
+
+
+def test_torch_path_without_triton(tmp_path):
+    """Without the `triton` extra the module imports, dispatches every device (CUDA included) to
+    the PyTorch path, and gets forward and both grads right."""
+    from tests.blocked_imports import run_without
+
+    run = run_without(["triton"], WITHOUT_TRITON, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@pytest.mark.skipif(TRI is None, reason="triton not installed (the `triton` extra)")
 @pytest.mark.skipif(DE.INTERPRET, reason="interpreter already active: cases ran in this process")
 def test_interpreter_suite():
     """Re-run the "interp" cases in a fresh process where TRITON_INTERPRET=1 precedes the imports."""

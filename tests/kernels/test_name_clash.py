@@ -1,5 +1,7 @@
-"""DESIGN.md "Name clash to guard": our top-level `kernels` has the import name of Hugging Face's
-`kernels` library, which transformers and diffusers probe.
+"""Name clash to guard (see kernels/__init__.py): our top-level `kernels` has the import name of
+Hugging Face's `kernels` library, which transformers and diffusers probe when they are imported.
+This test keeps the promise that, with this project installed, both libraries answer False to
+`is_kernels_available()` and importing them does not import our `kernels`.
 
 How they probe (transformers 5.24.0, diffusers 0.42.1):
 - transformers.utils.import_utils.is_kernels_available(): importlib.util.find_spec("kernels") (finds
@@ -8,7 +10,7 @@ How they probe (transformers 5.24.0, diffusers 0.42.1):
   which must fall outside [KERNELS_MIN_VERSION, KERNELS_MAX_VERSION) = [0.18.2, 0.19.0) or it would
   `from kernels import get_kernel`. Only when no distribution claims `kernels` (source tree on
   sys.path, project not installed) does it import the module and read `__version__` (ours has none,
-  so the answer is still False, at the price of importing torch + triton).
+  so the answer is still False, at the price of importing torch, and triton if installed).
 - diffusers.utils.import_utils: at import, find_spec("kernels") then
   importlib_metadata.version("kernels") -> PackageNotFoundError -> False; never imports it.
 Each probe runs in a fresh interpreter: both libraries cache the answer at first use.
