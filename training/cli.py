@@ -13,13 +13,15 @@ import argparse
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mcti.cli.args import add_dataclass_args, to_dataclass
 from mcti.errors import UserError
 from mcti.settings import TrainArgs
+from mcti.train.outdir import out_dir_is_free, refuse_unless_resume
 from training import ds_config
+from training.launch import run_torchrun
 
 
 @dataclass
@@ -90,11 +92,21 @@ def preflight(args: DistTrainArgs, world_size: int) -> ds_config.Resolved:
             f"'{args.out}' holds a checkpoint of single-process `mcti train`; continue it with "
             "`mcti train --resume`, or pick a new --out"
         )
-    if (ckpt / "latest").is_file() and not args.resume:
-        raise UserError(
-            f"'{args.out}' already holds a checkpoint: pass --resume to continue it, or pick a new --out"
-        )
+    refuse_unless_resume(args.out, (ckpt / "latest").is_file(), args.resume)
     return resolved
+
+
+def launch_local(args: TrainArgs) -> None:
+    """Train with args.nproc data-parallel processes on this machine; raises UserError on failure."""
+    dargs = args if isinstance(args, DistTrainArgs) else DistTrainArgs(**asdict(args))
+    nproc = dargs.nproc
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1, not {nproc}")
+    preflight(dargs, nproc)
+    if not Path(dargs.data).is_dir():  # every rank would find out after loading the model
+        raise UserError(f"data folder '{dargs.data}' does not exist")
+    out_dir_is_free(dargs.out)  # the ranks would fail one by one (rank 0 takes the lock)
+    run_torchrun(dargs, nproc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = to_dataclass(DistTrainArgs, build_parser().parse_args(argv))
     rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
     try:
-        if "WORLD_SIZE" not in os.environ and args.nproc > 1:
-            from training.launch import launch_local  # no launcher around us: be one
-
+        if "WORLD_SIZE" not in os.environ and args.nproc > 1:  # no launcher around us: be one
             launch_local(args)
             return 0
         if "WORLD_SIZE" in os.environ and args.nproc not in (1, world):
