@@ -37,8 +37,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temp_file(path.parent, path.name)
+    mode = tmp.stat().st_mode  # 0666 minus the umask
     try:
         write(str(tmp))
+        os.chmod(tmp, mode)  # some writers (safetensors) replace the file with a 0600 one
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
