@@ -6,22 +6,21 @@
 
 The flags are those of `mcti train` plus the `DistTrainArgs` fields below; `build_parser()` is
 also how the Kubernetes Job's arguments are checked. Top-level imports stay light: settings are
-checked (`preflight`) before torch, DeepSpeed or a model is loaded.
+checked (`preflight`) before torch, DeepSpeed or a model is loaded. The entry point, `main`, is
+in `training.launch` (it imports this module; this module imports neither it nor the trainer).
 """
 
 import argparse
 import importlib.util
 import os
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from mcti.cli.args import add_dataclass_args, to_dataclass
+from mcti.cli.args import add_dataclass_args
 from mcti.errors import UserError
 from mcti.settings import TrainArgs
-from mcti.train.outdir import out_dir_is_free, refuse_unless_resume
+from mcti.train.outdir import refuse_unless_resume
 from training import ds_config
-from training.launch import run_torchrun
 
 
 @dataclass
@@ -94,40 +93,3 @@ def preflight(args: DistTrainArgs, world_size: int) -> ds_config.Resolved:
         )
     refuse_unless_resume(args.out, (ckpt / "latest").is_file(), args.resume)
     return resolved
-
-
-def launch_local(args: TrainArgs) -> None:
-    """Train with args.nproc data-parallel processes on this machine; raises UserError on failure."""
-    dargs = args if isinstance(args, DistTrainArgs) else DistTrainArgs(**asdict(args))
-    nproc = dargs.nproc
-    if nproc < 1:
-        raise UserError(f"--nproc must be >= 1, not {nproc}")
-    preflight(dargs, nproc)
-    if not Path(dargs.data).is_dir():  # every rank would find out after loading the model
-        raise UserError(f"data folder '{dargs.data}' does not exist")
-    out_dir_is_free(dargs.out)  # the ranks would fail one by one (rank 0 takes the lock)
-    run_torchrun(dargs, nproc)
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = to_dataclass(DistTrainArgs, build_parser().parse_args(argv))
-    rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
-    try:
-        if "WORLD_SIZE" not in os.environ and args.nproc > 1:  # no launcher around us: be one
-            launch_local(args)
-            return 0
-        if "WORLD_SIZE" in os.environ and args.nproc not in (1, world):
-            raise UserError(f"--nproc {args.nproc} but the launcher started {world} processes")
-        resolved = preflight(args, world)
-        from training.trainer import run  # heavy imports only once the settings are good
-
-        run(args, resolved)
-    except UserError as e:
-        where = f" (rank {rank} of {world})" if world > 1 else ""
-        print(f"training: error{where}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("training: interrupted", file=sys.stderr)
-        return 130
-    return 0

@@ -1,19 +1,25 @@
-"""How `mcti train --nproc N` (and `python -m training --nproc N`) starts its N processes.
+"""How a data-parallel run starts: `main` (`python -m training`) runs one rank under a launcher,
+or, given `--nproc N` and no launcher, becomes one; `launch_local` is also `mcti train --nproc N`.
 
-Runs `python -m torch.distributed.run --standalone --nproc-per-node N -m training <flags>` and
-waits. `training.cli.launch_local` checks the settings first, so a bad batch split fails before
-N processes start. torchrun takes the whole job down when one rank dies (it stops the others),
-and the trainer's process-group timeout covers a rank that stalls. This module imports nothing
-of `training` (the command line imports it, never the reverse).
+`launch_local` runs `python -m torch.distributed.run --standalone --nproc-per-node N -m training
+<flags>` and waits. The settings are checked first (`training.cli.preflight`), so a bad batch
+split fails before N processes start. torchrun takes the whole job down when one rank dies (it
+stops the others), and the trainer's process-group timeout covers a rank that stalls.
+
+Imports point one way: launch -> cli (arguments, checks) and launch -> trainer (lazily).
 """
 
 import os
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
+from pathlib import Path
 
+from mcti.cli.args import to_dataclass
 from mcti.errors import UserError
 from mcti.settings import TrainArgs
+from mcti.train.outdir import out_dir_is_free
+from training.cli import DistTrainArgs, build_parser, preflight, world_size_from_env
 
 
 def flags_of(args: TrainArgs) -> list[str]:
@@ -52,3 +58,40 @@ def run_torchrun(args: TrainArgs, nproc: int) -> None:
             "failing rank's error is printed above. A complete checkpoint, if one was written, "
             f"is in {args.out}/checkpoint: add --resume to continue"
         )
+
+
+def launch_local(args: TrainArgs) -> None:
+    """Train with args.nproc data-parallel processes on this machine; raises UserError on failure."""
+    dargs = args if isinstance(args, DistTrainArgs) else DistTrainArgs(**asdict(args))
+    nproc = dargs.nproc
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1, not {nproc}")
+    preflight(dargs, nproc)
+    if not Path(dargs.data).is_dir():  # every rank would find out after loading the model
+        raise UserError(f"data folder '{dargs.data}' does not exist")
+    out_dir_is_free(dargs.out)  # the ranks would fail one by one (rank 0 takes the lock)
+    run_torchrun(dargs, nproc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = to_dataclass(DistTrainArgs, build_parser().parse_args(argv))
+    rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
+    try:
+        if "WORLD_SIZE" not in os.environ and args.nproc > 1:  # no launcher around us: be one
+            launch_local(args)
+            return 0
+        if "WORLD_SIZE" in os.environ and args.nproc not in (1, world):
+            raise UserError(f"--nproc {args.nproc} but the launcher started {world} processes")
+        resolved = preflight(args, world)
+        from training.trainer import run  # heavy imports only once the settings are good
+
+        run(args, resolved)
+    except UserError as e:
+        where = f" (rank {rank} of {world})" if world > 1 else ""
+        print(f"training: error{where}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("training: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -16,7 +16,7 @@ from mcti.settings import ClassifyArgs, EvalArgs, GenerateArgs, TrainArgs
 
 def cmd_train(a: TrainArgs) -> None:
     if a.nproc > 1:  # one-machine shortcut for the DeepSpeed data-parallel trainer
-        from training.cli import launch_local
+        from training.launch import launch_local
 
         launch_local(a)
         return

@@ -195,7 +195,7 @@ def test_mcti_train_with_a_bad_batch_split_fails_before_starting_processes(
 def test_missing_data_and_tensorboard_fail_before_any_work(tmp_path, monkeypatch):
     import subprocess
 
-    from training.cli import launch_local
+    from training.launch import launch_local
 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a process was started"))
     with pytest.raises(UserError, match="data folder .*nothing.* does not exist"):

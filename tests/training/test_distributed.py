@@ -25,7 +25,7 @@ import torch
 
 from mcti.core.store import load_tokens
 from tests.training.conftest import SMALL, cli_flags, small_args, token_matrix
-from training.cli import launch_local, main
+from training.launch import launch_local, main
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import torch
 from mcti.train.outdir import lock_out_dir
 from tests.training.conftest import cli_flags
 from training.checkpoint import safe_deepspeed_classes
-from training.cli import main
+from training.launch import main
 
 
 class CreatesAFile:
