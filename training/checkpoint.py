@@ -99,16 +99,27 @@ class DistCheckpoint:
                 path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
         except pickle.UnpicklingError as e:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            what = found.group(1) if found else str(e).splitlines()[0]
+            if found is None:
+                raise UserError(
+                    f"checkpoint {self.dir / tag} is corrupt ({_first_line(e)})"
+                ) from None
             raise UserError(
                 f"checkpoint {self.dir / tag} holds a pickled object that is not plain data "
-                f"({what}); refusing to load it (it was not written by this trainer)"
+                f"({found.group(1)}); refusing to load it (it was not written by this trainer)"
             ) from None
+        except (EOFError, RuntimeError) as e:
+            if "PytorchStreamReader" not in str(e) and not isinstance(e, EOFError):
+                raise  # not a file problem (a peer failure, say): the trainer reports it
+            raise UserError(f"checkpoint {self.dir / tag} is corrupt ({_first_line(e)})") from None
         if path is None:
             raise UserError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
         if not isinstance(client_state.get("rng"), torch.Tensor):
             raise UserError(f"checkpoint {self.dir / tag} is corrupt (no RNG state)")
         return meta["step"], client_state
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def safe_deepspeed_classes() -> list:

@@ -132,9 +132,12 @@ class Checkpoint:
         t = load_tensors(path, "checkpoint tensors")
         if "vectors" not in t or "rng" not in t or t["vectors"].shape != table.vectors.shape:
             raise UserError(f"checkpoint tensors {path} are corrupt (missing or misshapen)")
+        try:
+            gen.set_state(t["rng"])
+        except (RuntimeError, TypeError) as e:
+            raise UserError(f"checkpoint tensors {path} are corrupt (RNG state: {e})") from None
         with torch.no_grad():
             table.vectors.copy_(t["vectors"])
-        gen.set_state(t["rng"])
         if "exp_avg" in t:
             opt.state[table.vectors] = {
                 "step": torch.tensor(meta["adam_step"]),

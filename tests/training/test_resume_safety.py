@@ -82,6 +82,7 @@ def test_a_refused_resume_names_the_setting_that_changed(checkpointed, data_dir,
         ("step-000002/mcti.json", "{", "mcti.json is corrupt"),
         ("step-000002/mcti.json", '{"step": 2}', "mcti.json is corrupt"),
         ("latest", "../../etc\n", "checkpoint pointer"),
+        ("step-000002/zero_pp_rank_0_mp_rank_00_optim_states.pt", "PK", "step-000002 is corrupt"),
     ],
 )
 def test_a_corrupt_checkpoint_is_one_line(

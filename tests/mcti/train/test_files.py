@@ -185,3 +185,14 @@ def test_out_that_is_a_file_or_a_checkpoint_without_resume_is_refused(tmp_path):
         refuse_unless_resume(tmp_path, True, False)
     refuse_unless_resume(tmp_path, True, True)
     refuse_unless_resume(tmp_path, False, False)
+
+
+def test_a_checkpoint_with_a_bad_rng_state_is_a_user_error(tmp_path):
+    ckpt = Checkpoint(tmp_path)
+    table, opt, gen = _state(1.0)
+    ckpt.save(2, table, opt, gen, {})
+    atomic_save_safetensors(
+        ckpt.dir / "state-000002.safetensors", {"vectors": table.vectors, "rng": torch.zeros(3)}
+    )
+    with pytest.raises(UserError, match="state-000002.safetensors are corrupt"):
+        ckpt.load(table, opt, gen, {})
