@@ -197,10 +197,9 @@ def start(
         "startup_s": round(time.perf_counter() - t0, 3),  # group, model, latents, engine
         "startup_peak_mem_mb": round(peak_mem_mb(device), 1),
     }
-    r = Rank(
-        cfg, resolved, rank, world, device, p, engine, torch.Generator().manual_seed(args.seed),
-        fingerprint(cfg, p, resolved), info,
-    )  # fmt: skip
+    gen = torch.Generator().manual_seed(args.seed)
+    fp = fingerprint(cfg, p, resolved)
+    r = Rank(cfg, resolved, rank, world, device, p, engine, gen, fp, info)
     ckpt, step = DistCheckpoint(args.out), 0
     if args.resume and ckpt.latest() is not None:
         step, state = ckpt.load(engine, r.fingerprint, world, resolved.zero_stage)
@@ -267,7 +266,21 @@ def save(r: Rank, step: int) -> None:
     )
 
 
+def tensorboard_writer(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def add_scalars(writer, record: dict) -> None:
+    """A step's numeric metrics as TensorBoard scalars."""
+    for k, v in record.items():
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
+            writer.add_scalar(k, v, record["step"])
+
+
 def announce(r: Rank, step: int) -> None:
+    """One line on rank 0: the run's shape and start-up time."""
     res = r.resolved
     print(
         f"training: {r.p.tokens.num_classes} classes, {len(r.p.labels)} shots, {r.world} rank(s) "
@@ -287,13 +300,11 @@ def train_loop(
     t_start: float,
 ) -> None:
     r, step = start(args, resolved, rank, world, device, t_start)
-    out, log, writer = Path(args.out), RunLog(Path(args.out) / "metrics.jsonl"), None
+    out, writer = Path(args.out), None
+    log = RunLog(out / "metrics.jsonl")
     if rank == 0:
         log.trim(step)  # a resumed run redoes the steps after its checkpoint
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(out / "tensorboard"))
+        writer = tensorboard_writer(out) if args.tensorboard else None
         if not args.quiet:
             announce(r, step)
     bar = tqdm(
@@ -314,9 +325,7 @@ def train_loop(
             record = step_record(r, step, metrics, dt, cpu, time.perf_counter() - t0)
             log.append(record)
             if writer is not None:
-                for k, v in record.items():
-                    if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
-                        writer.add_scalar(k, v, step)
+                add_scalars(writer, record)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
         if step % args.save_every == 0 or step == args.steps:
