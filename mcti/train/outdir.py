@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +51,26 @@ def out_dir_is_free(out: str | Path) -> None:
             pass
 
 
+def _take_lock(fd: int, path: Path) -> None:
+    """flock `fd` exclusively, or a UserError naming the pid that holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. some NFS mounts
+            print(f"warning: cannot lock {path} ({e.strerror}): a second run is not stopped",
+                  file=sys.stderr)  # fmt: skip
+            return
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        raise UserError(
+            f"'{path.parent}' is in use by another run (pid {holder} holds {path}); wait for it "
+            "to end, or pick another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
 @contextmanager
 def lock_out_dir(out: str | Path) -> Iterator[Path]:
     """Hold OUT/.lock exclusively for the block. If the block fails in a directory this call
@@ -58,18 +79,7 @@ def lock_out_dir(out: str | Path) -> Iterator[Path]:
     created = make_out_dir(out)
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise UserError(
-                f"'{out}' is in use by another run (pid {holder} holds {out / LOCK}); wait for it "
-                "to end, or pick another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _take_lock(fd, out / LOCK)
         try:
             yield out
         except BaseException:
