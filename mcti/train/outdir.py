@@ -57,8 +57,10 @@ def _take_lock(fd: int, path: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. some NFS mounts
-            print(f"warning: cannot lock {path} ({e.strerror}): a second run is not stopped",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: cannot lock {path} ({e.strerror}): a second run is not stopped",
+                file=sys.stderr,
+            )
             return
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise
