@@ -1,27 +1,53 @@
-"""Atomic file writes: write beside the target, fsync, then rename over it."""
+"""Atomic file writes: write beside the target, fsync, rename over it, fsync the directory.
+
+Files are created with the mode an ordinary `open()` gives (0666 minus the umask), not
+`mkstemp`'s 0600: token directories are shared with the group that serves or evaluates them.
+"""
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (a rename is durable only once its directory is)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_temp_file(directory: Path, name: str) -> Path:
+    """An empty file beside the target, created like open() creates one (umask applies)."""
+    while True:
+        tmp = directory / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` and move the result to `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temp_file(path.parent, path.name)
+    mode = tmp.stat().st_mode  # 0666 minus the umask
     try:
-        write(tmp)
+        write(str(tmp))
+        os.chmod(tmp, mode)  # some writers (safetensors) replace the file with a 0600 one
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

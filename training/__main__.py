@@ -1,6 +1,6 @@
 import sys
 
-from training.cli import main
+from training.launch import main
 
 rc = main()
 if "torch.distributed" in sys.modules:  # leave cleanly (NCCL warns about a group left up)

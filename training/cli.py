@@ -6,19 +6,20 @@
 
 The flags are those of `mcti train` plus the `DistTrainArgs` fields below; `build_parser()` is
 also how the Kubernetes Job's arguments are checked. Top-level imports stay light: settings are
-checked (`preflight`) before torch, DeepSpeed or a model is loaded.
+checked (`preflight`) before torch, DeepSpeed or a model is loaded. The entry point, `main`, is
+in `training.launch` (it imports this module; this module imports neither it nor the trainer).
 """
 
 import argparse
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcti.cli.args import add_dataclass_args, to_dataclass
+from mcti.cli.args import add_dataclass_args
 from mcti.errors import UserError
 from mcti.settings import TrainArgs
+from mcti.train.outdir import refuse_unless_resume
 from training import ds_config
 
 
@@ -90,34 +91,5 @@ def preflight(args: DistTrainArgs, world_size: int) -> ds_config.Resolved:
             f"'{args.out}' holds a checkpoint of single-process `mcti train`; continue it with "
             "`mcti train --resume`, or pick a new --out"
         )
-    if (ckpt / "latest").is_file() and not args.resume:
-        raise UserError(
-            f"'{args.out}' already holds a checkpoint: pass --resume to continue it, or pick a new --out"
-        )
+    refuse_unless_resume(args.out, (ckpt / "latest").is_file(), args.resume)
     return resolved
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = to_dataclass(DistTrainArgs, build_parser().parse_args(argv))
-    rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
-    try:
-        if "WORLD_SIZE" not in os.environ and args.nproc > 1:
-            from training.launch import launch_local  # no launcher around us: be one
-
-            launch_local(args)
-            return 0
-        if "WORLD_SIZE" in os.environ and args.nproc not in (1, world):
-            raise UserError(f"--nproc {args.nproc} but the launcher started {world} processes")
-        resolved = preflight(args, world)
-        from training.trainer import run  # heavy imports only once the settings are good
-
-        run(args, resolved)
-    except UserError as e:
-        where = f" (rank {rank} of {world})" if world > 1 else ""
-        print(f"training: error{where}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("training: interrupted", file=sys.stderr)
-        return 130
-    return 0

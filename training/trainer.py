@@ -13,32 +13,30 @@ module that DeepSpeed wraps, so ZeRO never partitions them and the optimizer nev
 """
 
 import json
-import logging
 import os
 import resource
-import socket
 import sys
 import time
-import warnings
-from dataclasses import fields, replace
-from datetime import timedelta
+from contextlib import nullcontext
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from mcti.atomic import atomic_write
-from mcti.core.model import resolve_device
 from mcti.core.objectives import shard_draws
 from mcti.core.tokens import TokenTable
-from mcti.errors import UserError
 from mcti.settings import TrainArgs
 from mcti.train.loop import Prepared, batch_loss, batch_of_shots, export, prepare, run_fingerprint
+from mcti.train.outdir import lock_out_dir
+from mcti.train.runlog import RunLog
 from training.checkpoint import DistCheckpoint
 from training.cli import DistTrainArgs
 from training.ds_config import Resolved
+from training.ranks import ProcessTable, init_distributed, is_peer_failure, peer_failure_line
 
 
 class TokenModule(nn.Module):
@@ -84,72 +82,6 @@ def draw_batch(
     N = len(p.labels)
     perms = [torch.randperm(N, generator=gen) for _ in range(-(-batch_size // N))]
     return batch_of_shots(p, torch.cat(perms)[:batch_size], gen, hard)
-
-
-def skip_shm_comm_build() -> None:
-    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce extension at start (~40 s,
-    and again in every fresh container). It only serves `inference_all_reduce`, which training
-    never calls; gloo does the gradient all-reduce. Tell DeepSpeed it is unavailable."""
-    import importlib
-
-    comm = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` is torch
-    if hasattr(comm, "build_shm_op"):
-        comm.build_shm_op = lambda: None
-
-
-def groups_time_out_after(seconds: float) -> None:
-    """torch gives a group created without a timeout its own default (30 min for gloo, 10 for
-    NCCL), and DeepSpeed creates its data-parallel groups that way: a stalled rank would hold
-    the others for half an hour. Make `timeout_s` the default for every group."""
-    import torch.distributed.distributed_c10d as c10d
-
-    c10d.default_pg_timeout = timedelta(seconds=seconds)
-    if hasattr(c10d, "default_pg_nccl_timeout"):
-        c10d.default_pg_nccl_timeout = timedelta(seconds=seconds)
-
-
-def single_process_env() -> None:
-    """`python -m training` without a launcher: a world of one (DeepSpeed reads the env)."""
-    if "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-
-
-def init_distributed(args: DistTrainArgs, resolved: Resolved) -> tuple[int, int, torch.device]:
-    """Process group (gloo on CPU, NCCL on CUDA) with `timeout_s`; returns rank, world, device."""
-    single_process_env()
-    local, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"])
-    device = resolve_device(args.device)
-    if device.type == "cuda":  # one GPU per rank; --device cuda:N only picks it for one process
-        index = device.index if device.index is not None and world == 1 else local
-        device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
-        # NCCL: abort on a collective timeout or error instead of blocking forever
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    elif resolved.precision != "fp32":
-        raise UserError(
-            f"{resolved.path} enables {resolved.precision}, which needs CUDA; on CPU use a *_fp32 config"
-        )
-    os.environ["DS_ACCELERATOR"] = device.type  # read when deepspeed is first imported
-    import deepspeed
-
-    deepspeed.utils.logger.setLevel(logging.WARNING)
-    # DeepSpeed's ZeRO calls a c10d function that torch has deprecated: not the user's concern
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-    skip_shm_comm_build()
-    groups_time_out_after(args.timeout_s)
-    deepspeed.init_distributed(
-        dist_backend="nccl" if device.type == "cuda" else "gloo",
-        timeout=timedelta(seconds=args.timeout_s),
-        auto_mpi_discovery=False,
-        verbose=False,
-    )
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def build_engine(p: Prepared, args: DistTrainArgs, resolved: Resolved):
@@ -210,53 +142,153 @@ def peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def trim_log(path: Path, last_step: int) -> None:
-    """Keep the metric lines up to `last_step` (a resumed run redoes the steps after it); a
-    line cut short by a killed process is dropped."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in keep)))
-
-
-def is_peer_failure(e: BaseException) -> bool:
-    """Errors of a collective whose peer died or stalled (gloo/NCCL), as opposed to our bugs."""
-    if isinstance(e, dist.DistError):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(
-        s in text
-        for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out")
-    )
-
-
 def run(args: DistTrainArgs, resolved: Resolved) -> None:
-    """One rank of a data-parallel run; writes the token directory args.out (rank 0)."""
+    """One rank of a data-parallel run; writes the token directory args.out (rank 0, which
+    holds the lock on it for the whole run)."""
     t_start = time.perf_counter()
     rank, world, device = init_distributed(args, resolved)
+    table = ProcessTable.gather()
     try:
-        train_loop(args, resolved, rank, world, device, t_start)
+        with lock_out_dir(args.out) if rank == 0 else nullcontext():
+            train_loop(args, resolved, rank, world, device, t_start)
     except Exception as e:
         if not is_peer_failure(e):
             raise
-        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(
-            f"training: error (rank {rank} of {world}): another rank died, or stalled for longer "
-            f"than --timeout-s {args.timeout_s:g} (a collective failed; that rank's own error is "
-            f"in its output). The last complete checkpoint in {args.out}/checkpoint stays "
-            f"loadable: rerun with --resume. Cause: {cause}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(peer_failure_line(e, table, args.timeout_s, args.out), file=sys.stderr, flush=True)
         # Leave now: tearing down a process group with a dead peer can block.
         os._exit(1)
     dist.barrier()  # the group stays up: DeepSpeed caches its groups for later runs in-process
+
+
+@dataclass
+class Rank:
+    """What one rank's steps share: settings, model, engine, random state."""
+
+    args: DistTrainArgs  # with the resolved device and model precision
+    resolved: Resolved
+    rank: int
+    world: int
+    device: torch.device
+    p: Prepared
+    engine: Any  # deepspeed.DeepSpeedEngine
+    gen: torch.Generator
+    fingerprint: dict
+    info: dict  # the run's shape, recorded in classes.json["trainer"]
+    hard: SimilarityRows | None = None
+
+
+def start(
+    args: DistTrainArgs, resolved: Resolved, rank: int, world: int, device: torch.device, t0: float
+) -> tuple[Rank, int]:
+    """Model, latents and engine; restored from the last checkpoint with --resume. Returns the
+    rank's state and the step to continue from."""
+    precision = resolved.precision if resolved.precision != "fp32" else args.precision
+    cfg = replace(args, device=str(device), precision=precision)
+    p = prepare(cfg, quiet=args.quiet or rank != 0)
+    engine = build_engine(p, cfg, resolved)
+    info = {
+        "world_size": world,
+        "zero_stage": resolved.zero_stage,
+        "table_precision": resolved.precision,
+        "model_precision": precision,
+        "micro_batch": resolved.micro_batch,
+        "grad_accum": resolved.grad_accum,
+        "deepspeed_config": str(resolved.path),
+        "startup_s": round(time.perf_counter() - t0, 3),  # group, model, latents, engine
+        "startup_peak_mem_mb": round(peak_mem_mb(device), 1),
+    }
+    gen = torch.Generator().manual_seed(args.seed)
+    fp = fingerprint(cfg, p, resolved)
+    r = Rank(cfg, resolved, rank, world, device, p, engine, gen, fp, info)
+    ckpt, step = DistCheckpoint(args.out), 0
+    if args.resume and ckpt.latest() is not None:
+        step, state = ckpt.load(engine, r.fingerprint, world, resolved.zero_stage)
+        r.gen.set_state(state["rng"])
+        if state.get("hard") is not None:
+            r.hard = SimilarityRows(state["hard"], args.hard_temperature)
+    return r, step
+
+
+def optimizer_step(r: Rank, step: int) -> dict[str, float]:
+    """One optimizer step from `step`: the global batch, this rank's micro-batches of it, the
+    metrics averaged over ranks."""
+    a = r.args
+    if a.hard_negatives and (r.hard is None or step % a.hard_refresh == 0):
+        r.hard = SimilarityRows.of(r.p.table, a.hard_temperature)
+    batch = draw_batch(r.p, a.batch_size, r.gen, r.hard)
+    G, totals = r.resolved.grad_accum, {}
+    for g in range(G):
+        loss, metrics = r.engine(shard_draws(batch, r.rank * G + g, r.world * G))
+        r.engine.backward(loss)
+        r.engine.step()  # steps the optimizer after the G-th micro-batch
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v / G
+    return mean_over_ranks(totals, r.device)
+
+
+def step_record(r: Rank, step: int, metrics: dict, dt: float, cpu: float, elapsed: float) -> dict:
+    """The metrics.jsonl line of a step (rank 0)."""
+    K = r.p.tokens.num_classes
+    return {
+        "step": step,
+        **metrics,
+        "lr": r.engine.get_lr()[0],
+        "samples_per_s": r.args.batch_size / dt,
+        "step_s": dt,
+        "step_cpu_s": cpu,  # rank 0's CPU time: unlike step_s, blind to other jobs' load
+        "K": K,
+        "negatives": min(r.args.negatives, K - 1) if r.args.method == "mcti" else 0,
+        "hard_negatives": r.args.hard_negatives,
+        "world_size": r.world,
+        "micro_batch": r.resolved.micro_batch,
+        "grad_accum": r.resolved.grad_accum,
+        "peak_mem_mb": peak_mem_mb(r.device),
+        "elapsed_s": elapsed,
+    }
+
+
+def export_tokens(r: Rank, step: int) -> None:
+    """Write the token directory (a collective under ZeRO with bf16/fp16; rank 0 writes)."""
+    table = master_table(r.p)
+    if r.rank == 0:
+        export(r.args, replace(r.p, table=table), step, {"trainer": r.info})
+
+
+def save(r: Rank, step: int) -> None:
+    """Checkpoint (every rank) and token export (rank 0), then switch `latest`."""
+    table = master_table(r.p)  # collective under ZeRO with bf16/fp16
+    DistCheckpoint(r.args.out).save(
+        r.engine,
+        step,
+        {"rng": r.gen.get_state(), "hard": None if r.hard is None else r.hard.unit},
+        {"world_size": r.world, "zero_stage": r.resolved.zero_stage, "run": r.fingerprint},
+        on_complete=lambda: export(r.args, replace(r.p, table=table), step, {"trainer": r.info}),
+    )
+
+
+def tensorboard_writer(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def add_scalars(writer, record: dict) -> None:
+    """A step's numeric metrics as TensorBoard scalars."""
+    for k, v in record.items():
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
+            writer.add_scalar(k, v, record["step"])
+
+
+def announce(r: Rank, step: int) -> None:
+    """One line on rank 0: the run's shape and start-up time."""
+    res = r.resolved
+    print(
+        f"training: {r.p.tokens.num_classes} classes, {len(r.p.labels)} shots, {r.world} rank(s) "
+        f"x micro-batch {res.micro_batch} x accumulation {res.grad_accum} = batch "
+        f"{r.args.batch_size}, ZeRO {res.zero_stage}, {res.precision} tokens, start-up "
+        f"{r.info['startup_s']:.1f} s" + (f", resumed at step {step}" if step else ""),
+        file=sys.stderr,
+    )
 
 
 def train_loop(
@@ -267,63 +299,14 @@ def train_loop(
     device: torch.device,
     t_start: float,
 ) -> None:
-    precision = resolved.precision if resolved.precision != "fp32" else args.precision
-    cfg = replace(args, device=str(device), precision=precision)
-    out, ckpt = Path(args.out), DistCheckpoint(args.out)
-    p = prepare(cfg, quiet=args.quiet or rank != 0)
-    engine = build_engine(p, cfg, resolved)
-    gen = torch.Generator().manual_seed(args.seed)
-    fp = fingerprint(cfg, p, resolved)
-    step, hard = 0, None
-    if args.resume and ckpt.latest() is not None:
-        step, state = ckpt.load(engine, fp, world, resolved.zero_stage)
-        gen.set_state(state["rng"])
-        if state.get("hard") is not None:
-            hard = SimilarityRows(state["hard"], args.hard_temperature)
-    K, G = p.tokens.num_classes, resolved.grad_accum
-    negatives = min(args.negatives, K - 1) if args.method == "mcti" else 0
-    info = {
-        "world_size": world,
-        "zero_stage": resolved.zero_stage,
-        "table_precision": resolved.precision,
-        "model_precision": precision,
-        "micro_batch": resolved.micro_batch,
-        "grad_accum": G,
-        "deepspeed_config": str(resolved.path),
-        "startup_s": round(time.perf_counter() - t_start, 3),  # group, model, latents, engine
-        "startup_peak_mem_mb": round(peak_mem_mb(device), 1),
-    }
-    log, writer = out / "metrics.jsonl", None
+    r, step = start(args, resolved, rank, world, device, t_start)
+    out, writer = Path(args.out), None
+    log = RunLog(out / "metrics.jsonl")
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        trim_log(log, step)
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(out / "tensorboard"))
-
-    def save(step: int) -> None:
-        table = master_table(p)  # collective under ZeRO with bf16/fp16
-
-        def write_tokens() -> None:
-            export(cfg, replace(p, table=table), step, {"trainer": info})
-
-        ckpt.save(
-            engine,
-            step,
-            {"rng": gen.get_state(), "hard": None if hard is None else hard.unit},
-            {"world_size": world, "zero_stage": resolved.zero_stage, "run": fp},
-            on_complete=write_tokens,
-        )
-
-    if rank == 0 and not args.quiet:
-        print(
-            f"training: {K} classes, {len(p.labels)} shots, {world} rank(s) x micro-batch "
-            f"{resolved.micro_batch} x accumulation {G} = batch {args.batch_size}, ZeRO "
-            f"{resolved.zero_stage}, {resolved.precision} tokens, start-up {info['startup_s']:.1f} s"
-            + (f", resumed at step {step}" if step else ""),
-            file=sys.stderr,
-        )
+        log.trim(step)  # a resumed run redoes the steps after its checkpoint
+        writer = tensorboard_writer(out) if args.tensorboard else None
+        if not args.quiet:
+            announce(r, step)
     bar = tqdm(
         total=args.steps,
         initial=step,
@@ -334,53 +317,24 @@ def train_loop(
     )
     t0, ran = time.perf_counter(), step < args.steps
     while step < args.steps:
-        if args.hard_negatives and (hard is None or step % args.hard_refresh == 0):
-            hard = SimilarityRows.of(p.table, args.hard_temperature)
         t_step, cpu_step = time.perf_counter(), time.process_time()
-        batch = draw_batch(p, args.batch_size, gen, hard)
-        totals: dict[str, float] = {}
-        for g in range(G):
-            loss, metrics = engine(shard_draws(batch, rank * G + g, world * G))
-            engine.backward(loss)
-            engine.step()  # steps the optimizer after the G-th micro-batch
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v / G
-        metrics = mean_over_ranks(totals, device)
+        metrics = optimizer_step(r, step)
         dt, cpu = time.perf_counter() - t_step, time.process_time() - cpu_step
         step += 1
         if rank == 0:
-            record = {
-                "step": step,
-                **metrics,
-                "lr": engine.get_lr()[0],
-                "samples_per_s": args.batch_size / dt,
-                "step_s": dt,
-                "step_cpu_s": cpu,  # rank 0's CPU time: unlike step_s, blind to other jobs' load
-                "K": K,
-                "negatives": negatives,
-                "hard_negatives": args.hard_negatives,
-                "world_size": world,
-                "micro_batch": resolved.micro_batch,
-                "grad_accum": G,
-                "peak_mem_mb": peak_mem_mb(device),
-                "elapsed_s": time.perf_counter() - t0,
-            }
-            with open(log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            record = step_record(r, step, metrics, dt, cpu, time.perf_counter() - t0)
+            log.append(record)
             if writer is not None:
-                for k, v in record.items():
-                    if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
-                        writer.add_scalar(k, v, step)
+                add_scalars(writer, record)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
         if step % args.save_every == 0 or step == args.steps:
-            save(step)
+            save(r, step)
     bar.close()
     if writer is not None:
         writer.close()
     if not ran:  # resumed a run that had already finished: export its tokens again
-        table = master_table(p)
-        if rank == 0:
-            export(cfg, replace(p, table=table), step, {"trainer": info})
+        export_tokens(r, step)
     if rank == 0 and not args.quiet:
+        K = r.p.tokens.num_classes
         print(f"wrote {K} class tokens to {out}/learned_embeds.safetensors and {out}/classes.json")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mcti.atomic import atomic_save_safetensors, atomic_write_json
@@ -46,15 +47,32 @@ def save_tokens(
 
 
 def read_meta(path: str | Path) -> dict:
+    """classes.json of a token directory, checked; a corrupt file is a UserError naming it."""
     path = Path(path)
     if not (path / CLASSES).is_file() or not (path / EMBEDS).is_file():
         raise UserError(f"'{path}' is not a token directory (needs {EMBEDS} and {CLASSES})")
     try:
-        meta = json.loads((path / CLASSES).read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads((path / CLASSES).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path / CLASSES} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise UserError(f"{path / CLASSES} is corrupt: not a JSON object")
     if meta.get("format") != FORMAT:
         raise UserError(f"{path / CLASSES}: unknown format {meta.get('format')!r}")
+    base, classes, n = meta.get("base_model"), meta.get("classes"), meta.get("n_vectors")
+    if (
+        not isinstance(base, dict)
+        or not all(k in base for k in ("spec", "fingerprint", "hidden_size"))
+        or not isinstance(classes, dict)
+        or not classes
+        or not all(isinstance(t, str) for t in classes.values())
+        or not isinstance(n, int)
+        or n < 1
+    ):
+        raise UserError(
+            f"{path / CLASSES} is corrupt: needs base_model (spec, fingerprint, hidden_size), "
+            "a non-empty classes object (label -> token) and n_vectors >= 1"
+        )
     return meta
 
 
@@ -76,7 +94,10 @@ def load_tokens(
             f"{base['fingerprint']}), not on '{bundle.spec}' ({bundle.fingerprint})"
         )
     labels = list(meta["classes"])
-    sd = load_file(str(path / EMBEDS))
+    try:
+        sd = load_file(str(path / EMBEDS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path / EMBEDS} is corrupt: {e}") from e
     n = meta["n_vectors"]
     rows = []
     for label in labels:

@@ -1,7 +1,8 @@
 """Single-process training of class tokens (`mcti train`), with atomic, resumable checkpoints.
 
-The pieces (`prepare`, `Checkpoint`, `train_step`) are shared with the DeepSpeed loop in
-`training/`, which runs the same objective on shards of the same global batch.
+The pieces (`prepare`, `batch_of_shots`, `batch_loss`, `run_fingerprint`, `export`) are shared
+with the DeepSpeed loop in `training/`, which runs the same objective on shards of the same
+global batch; the checkpoint, run log and output-directory guards are in this package too.
 """
 
 import json
@@ -10,10 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from mcti.atomic import atomic_save_safetensors, atomic_write_json
 from mcti.core.model import ModelBundle, load_model
 from mcti.core.objectives import Objective, ObjectiveSettings, sample_draws
 from mcti.core.store import save_tokens
@@ -22,6 +21,9 @@ from mcti.data.coop import open_dataset, pick_shots
 from mcti.data.folders import ImageFolder, load_images
 from mcti.errors import UserError
 from mcti.settings import TrainArgs
+from mcti.train.checkpoint import Checkpoint
+from mcti.train.outdir import lock_out_dir, refuse_unless_resume
+from mcti.train.runlog import RunLog
 
 
 def settings_of(cfg: TrainArgs) -> ObjectiveSettings:
@@ -145,56 +147,6 @@ def batch_loss(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:
     return p.objective.loss(p.table, x0, batch["labels"], draws, embeds)
 
 
-class Checkpoint:
-    """OUT/checkpoint/{state.safetensors,state.json}: tokens, AdamW moments, RNG, step."""
-
-    def __init__(self, out: str | Path):
-        self.dir = Path(out) / "checkpoint"
-
-    def exists(self) -> bool:
-        return (self.dir / "state.json").is_file()
-
-    def save(
-        self,
-        step: int,
-        table: TokenTable,
-        opt: torch.optim.Optimizer,
-        gen: torch.Generator,
-        fingerprint: dict,
-    ) -> None:
-        st = opt.state[table.vectors] if table.vectors in opt.state else {}
-        tensors = {"vectors": table.vectors.detach(), "rng": gen.get_state()}
-        for k in ("exp_avg", "exp_avg_sq"):
-            if k in st:
-                tensors[k] = st[k]
-        atomic_save_safetensors(self.dir / "state.safetensors", tensors)
-        adam_step = float(st["step"]) if "step" in st else 0.0
-        atomic_write_json(
-            self.dir / "state.json", {"step": step, "adam_step": adam_step, "run": fingerprint}
-        )
-
-    def load(
-        self, table: TokenTable, opt: torch.optim.Optimizer, gen: torch.Generator, fingerprint: dict
-    ) -> int:
-        meta = json.loads((self.dir / "state.json").read_text())
-        if meta["run"] != fingerprint:
-            diff = [k for k in fingerprint if meta["run"].get(k) != fingerprint[k]]
-            raise UserError(
-                f"checkpoint in {self.dir} is from a different run (differs in: {', '.join(diff)})"
-            )
-        t = load_file(str(self.dir / "state.safetensors"))
-        with torch.no_grad():
-            table.vectors.copy_(t["vectors"])
-        gen.set_state(t["rng"])
-        if "exp_avg" in t:
-            opt.state[table.vectors] = {
-                "step": torch.tensor(meta["adam_step"]),
-                "exp_avg": t["exp_avg"].to(table.vectors.device),
-                "exp_avg_sq": t["exp_avg_sq"].to(table.vectors.device),
-            }
-        return meta["step"]
-
-
 def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
     """What must match for a checkpoint to continue this run."""
     keep = {
@@ -231,17 +183,30 @@ def train(cfg: TrainArgs, bundle: ModelBundle | None = None) -> Prepared:
     """Train tokens and write them to cfg.out; returns the prepared state (for tests)."""
     out = Path(cfg.out)
     ckpt = Checkpoint(out)
-    if ckpt.exists() and not cfg.resume:
-        raise UserError(
-            f"'{out}' already holds a checkpoint: pass --resume to continue it, or pick a new --out"
-        )
-    p = prepare(cfg, bundle, quiet=cfg.quiet)
-    opt = torch.optim.AdamW([p.table.vectors], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    fp = run_fingerprint(cfg, p)
-    step = ckpt.load(p.table, opt, gen, fp) if (cfg.resume and ckpt.exists()) else 0
-    log = out / "metrics.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_unless_resume(out, ckpt.exists(), cfg.resume)
+    with lock_out_dir(out):
+        p = prepare(cfg, bundle, quiet=cfg.quiet)
+        opt = torch.optim.AdamW([p.table.vectors], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        fp = run_fingerprint(cfg, p)
+        step = ckpt.load(p.table, opt, gen, fp) if (cfg.resume and ckpt.exists()) else 0
+        log = RunLog(out / "metrics.jsonl")
+        log.trim(step)  # a resumed run redoes the steps after its checkpoint
+        run_steps(cfg, p, opt, gen, fp, step, log)
+    return p
+
+
+def run_steps(
+    cfg: TrainArgs,
+    p: Prepared,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    fp: dict,
+    step: int,
+    log: RunLog,
+) -> None:
+    """Steps `step + 1 .. cfg.steps`, with a checkpoint and token export every --save-every."""
+    ckpt = Checkpoint(cfg.out)
     bar = tqdm(
         total=cfg.steps,
         initial=step,
@@ -259,17 +224,10 @@ def train(cfg: TrainArgs, bundle: ModelBundle | None = None) -> Prepared:
         step += 1
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
-        with open(log, "a") as f:
-            f.write(
-                json.dumps(
-                    {"step": step, **metrics, "elapsed_s": round(time.perf_counter() - t0, 3)}
-                )
-                + "\n"
-            )
+        log.append({"step": step, **metrics, "elapsed_s": round(time.perf_counter() - t0, 3)})
         if step % cfg.save_every == 0 or step == cfg.steps:
             ckpt.save(step, p.table, opt, gen, fp)
             export(cfg, p, step)
     bar.close()
-    if not (out / "classes.json").is_file():  # resumed a finished run
+    if not (Path(cfg.out) / "classes.json").is_file():  # resumed a finished run
         export(cfg, p, step)
-    return p

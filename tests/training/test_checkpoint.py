@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from mcti.train.runlog import RunLog
 from tests.training.conftest import small_args
 from training import ds_config, trainer
 from training.checkpoint import DistCheckpoint
@@ -57,5 +58,5 @@ def test_trim_log_keeps_steps_up_to_the_checkpoint_and_drops_a_cut_line(tmp_path
     log = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0}) for s in range(1, 6)]
     log.write_text("\n".join(lines) + '\n{"step": 6, "lo')  # killed mid-write
-    trainer.trim_log(log, 3)
+    RunLog(log).trim(3)
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]

@@ -25,8 +25,7 @@ import torch
 
 from mcti.core.store import load_tokens
 from tests.training.conftest import SMALL, cli_flags, small_args, token_matrix
-from training.cli import main
-from training.launch import launch_local
+from training.launch import launch_local, main
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +122,9 @@ def test_a_killed_rank_stops_the_job_and_resume_ends_where_an_uninterrupted_run_
             assert time.monotonic() < deadline, "no checkpoint was written"
             time.sleep(0.02)
         os.kill(procs[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
         _, err = procs[0].communicate(timeout=120)  # bounded: a hang fails the test here
+        survived_s = time.monotonic() - killed
     finally:
         for p in procs:
             if p.poll() is None:
@@ -132,6 +133,9 @@ def test_a_killed_rank_stops_the_job_and_resume_ends_where_an_uninterrupted_run_
     assert procs[1].returncode == -signal.SIGKILL
     assert procs[0].returncode == 1
     assert "another rank died, or stalled" in err and "--resume" in err
+    assert survived_s < 20.0, survived_s  # within --timeout-s
+    (line,) = [ln for ln in err.splitlines() if "error" in ln.lower()]  # one line, no traceback
+    assert line.startswith("training: error (rank 0 of 2): lost rank 1 (its process exited)")
 
     step = int((out / "checkpoint" / "latest").read_text().split("-")[1])
     assert 2 <= step < 8  # killed mid-run, before the step the reference ends at

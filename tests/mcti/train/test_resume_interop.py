@@ -82,6 +82,7 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     assert main(train_argv(data, out, "--steps", "2", *ARGS[2:], "--resume", "--lr", "0.1")) == 2
     err = capsys.readouterr().err
     assert "different run (differs in: config)" in err, err  # not base_model: same model
+    assert "--lr 0.005 -> 0.1" in err and err.count("\n") == 1, err  # names the setting
 
 
 def test_tokens_load_into_a_diffusers_pipeline(tmp_path):
