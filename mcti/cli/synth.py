@@ -72,7 +72,7 @@ def manifest(a: SynthArgs, labels: list[str]) -> dict:
         "settings": {k: v for k, v in asdict(a).items() if k not in ("out", "force")},
         "font": synth.FONT_FILE + " (matplotlib mpl-data)",
         "glyphs": synth.GLYPHS,
-        "palette": ["#%02x%02x%02x" % c for c in synth.PALETTE],
+        "palette": ["#{:02x}{:02x}{:02x}".format(*c) for c in synth.PALETTE],
         "glyph_extent": synth.GLYPH_EXTENT,
         "jitter": asdict(synth.Jitter()),
         "versions": {"numpy": numpy.__version__, "pillow": PIL.__version__},
