@@ -24,8 +24,10 @@ from PIL import Image, ImageDraw, ImageFont
 from mcti.errors import UserError
 
 FONT_FILE = "DejaVuSans-Bold.ttf"
-# Bold glyphs whose silhouettes stay apart after a 2x-4x downsampling (no I/l/1, O/0, ...).
-GLYPHS = "ABCDEFGHJKLMNPQRSTUVWXYZ234579#%&@?+=<>$"
+# Bold glyphs whose silhouettes stay apart after a 2x-4x downsampling (no I/l/1, O/0, ...), and
+# no glyph is another's mirror image (no < with >), so a horizontal flip never makes one class
+# look exactly like another.
+GLYPHS = "ABCDEFGHJKLMNPQRSTUVWXYZ2345679#%&@?+=<$"
 # Colours spread in luminance as well as hue: the embedded model was pretrained on grey images.
 PALETTE = [
     (0, 0, 0),  # black

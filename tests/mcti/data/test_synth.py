@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mcti.data.folders import pil_to_tensor, scan_folder
 from mcti.data.synth import (
@@ -84,10 +84,19 @@ def test_glyphs_fit_the_canvas_and_differ():
             [m[:8].ravel(), m[-8:].ravel(), m[:, :8].ravel(), m[:, -8:].ravel()]
         )
         assert border.max() == 0, f"glyph {g!r} touches the edge"
-    small = np.stack([np.asarray(glyph_mask(g, 128).resize((16, 16), Image.BOX)) for g in GLYPHS])
-    d = np.abs(small[:, None].astype(int) - small[None].astype(int)).mean((2, 3))  # (G, G)
+
+    def small(im: Image.Image) -> np.ndarray:
+        return np.asarray(im.resize((16, 16), Image.BOX)).astype(int)
+
+    glyphs = np.stack([small(glyph_mask(g, 128)) for g in GLYPHS])  # (G, 16, 16)
+    d = np.abs(glyphs[:, None] - glyphs[None]).mean((2, 3))  # (G, G)
     np.fill_diagonal(d, 255)
     assert d.min() > 10, "two glyphs look alike at 16x16"
+    # a horizontal flip (mcti train --flip) must not turn one glyph into another (< and >)
+    mirrored = np.stack([small(ImageOps.mirror(glyph_mask(g, 128))) for g in GLYPHS])
+    d = np.abs(mirrored[:, None] - glyphs[None]).mean((2, 3))  # (G, G)
+    np.fill_diagonal(d, 255)
+    assert d.min() > 10, "a mirrored glyph looks like another glyph at 16x16"
 
 
 def test_shots_of_one_class_differ_but_stay_close():
