@@ -172,9 +172,10 @@ def write_synth(
     labels = class_labels(n_classes)
     for k in progress(range(n_classes)):
         rng = np.random.default_rng([seed, 1, k])  # per class: K does not change a class's images
+        train, test = root / "train" / labels[k], root / "test" / labels[k]
+        train.mkdir(parents=True, exist_ok=True)
+        test.mkdir(parents=True, exist_ok=True)
         for i, x in enumerate(render_class(designs[k], per_class, size, rng)):
-            split = "train" if i < train_per_class else "test"
-            d = root / split / labels[k]
-            d.mkdir(parents=True, exist_ok=True)
+            d = train if i < train_per_class else test
             Image.fromarray(x).save(d / f"{i:03d}.png", format="PNG")
     return labels
