@@ -148,6 +148,12 @@ PLUGINS = {
         "train the embedded base model from scratch",
     ),
     "serve": ("mcti.cli.serve", "ServeArgs", "run", "serve classification over HTTP (Ray Serve)"),
+    "synth": (
+        "mcti.cli.synth",
+        "SynthArgs",
+        "run",
+        "write a many-class synthetic image set (glyphs x colours), regenerable by seed",
+    ),
 }
 
 
