@@ -135,13 +135,13 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     if im.mode in ("La", "RGBa"):  # over BACKGROUND: c*a/255 + BACKGROUND*(1 - a/255)
         color, alpha = a[..., :-1].astype(np.int32), a[..., -1:].astype(np.int32)
         a = np.clip(color + (BACKGROUND * (255 - alpha) + 127) // 255, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(np.broadcast_to(a, (*a.shape[:2], 3)))  # L -> RGB
+    return a if a.shape[2] == 3 else np.repeat(a, 3, axis=2)  # L -> RGB; a fresh, writable array
 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
-    x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)  # (3, H, W)
-    return x / 127.5 - 1
+    x = torch.from_numpy(pixels).permute(2, 0, 1).float()  # (3, H, W)
+    return x.div_(127.5).sub_(1)  # in place: one float copy at size^2
 
 
 def pil_to_tensor(im: Image.Image, size: int) -> torch.Tensor:
