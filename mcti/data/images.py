@@ -1,19 +1,22 @@
 """The one image decoder: file -> (size, size, 3) uint8 RGB, for the CLI, training and the server.
 
-Steps, in an order that keeps memory bounded by a small multiple of the pixel limit plus size^2:
 1. `open_image` reads the header only and refuses more than `max_pixels` pixels, or a side
    more than `MAX_ASPECT` times the other, before any pixel is inflated.
 2. `decode` lets a JPEG decode at a power-of-two fraction of its size (never below `size`),
-   applies the EXIF orientation, and brings the pixel format to one PIL can resample
-   (16-bit and float to their own range, palettes to RGB/RGBA, CMYK to RGB, 1-bit to L).
-3. It resizes only the centre square of the source (`resize(box=...)`) to `size` x `size`, so
-   a thin image never becomes a wide one on the way, then maps the result to 8-bit RGB:
-   16-bit values v -> round(v / 257), float values f (taken as 0..1) -> round(255 f), and
-   alpha composited on white (BACKGROUND).
+   applies the EXIF orientation, and brings the pixel format to one PIL resamples well: 16-bit
+   to 32-bit integers, palettes to RGB or RGBA, CMYK to RGB, 1-bit to L, alpha premultiplied.
+3. It resizes only the centre square of the source (`resize(box=...)`) to size x size, so a
+   thin image never becomes a wide one on the way, then maps the result to 8-bit RGB:
+   16-bit values v -> round(v / 257), float values f (taken as 0..1) -> round(255 f), both
+   clipped, and alpha composited on white (BACKGROUND).
 
-Nothing here changes PIL's process-wide settings. PIL's own bomb guard (`Image.MAX_IMAGE_PIXELS`,
-left at its default) still refuses above twice its limit at `Image.open`; that is reported as
-our refusal too, so the effective ceiling is the smaller of the two.
+Peak memory of a decode, measured (tests/mcti/data/test_images.py): under 10 bytes per source
+pixel (RGBA with an EXIF rotation, palettes with transparency: ~9) plus ~20 bytes per output
+pixel, so max_pixels bounds it for any file accepted.
+
+Nothing here changes PIL's process-wide settings. PIL's own guard (`Image.MAX_IMAGE_PIXELS`,
+left at its default of ~89 M pixels) warns above it and refuses above twice it inside
+`Image.open`; that refusal is reported as ours, quoting the limit in force.
 """
 
 from pathlib import Path
@@ -111,8 +114,9 @@ def _centre_square(im: Image.Image, size: int) -> Image.Image:
     """The centre square of `im`, resampled (bicubic) to size x size.
 
     The square is the one the former resize-then-crop kept (short side scaled to `size`, crop
-    at an integer offset), so square images give the former pixels exactly and others within
-    PIL's rounding, at a cost of about size^2 instead of size^2 x aspect ratio.
+    at an integer offset), so square images give the former pixels exactly; others may differ
+    by a few levels where PIL now runs its two passes in the other order (it picks the order by
+    cost), at a cost of about size^2 instead of size^2 x aspect ratio.
     """
     w, h = im.size
     s = size / min(w, h)
