@@ -15,10 +15,13 @@ pixel (RGBA with an EXIF rotation, palettes with transparency: ~9) plus ~20 byte
 pixel, so max_pixels bounds it for any file accepted.
 
 Nothing here changes PIL's process-wide settings. PIL's own guard (`Image.MAX_IMAGE_PIXELS`,
-left at its default of ~89 M pixels) warns above it and refuses above twice it inside
-`Image.open`; that refusal is reported as ours, quoting the limit in force.
+left at its default of ~89 M pixels) warns above it (silenced while we open a file: our check
+follows) and refuses above twice it inside `Image.open`; that refusal is reported as ours,
+quoting the limit in force.
 """
 
+import threading
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -32,6 +35,7 @@ BACKGROUND = 255  # transparent pixels are composited on white
 
 _TO_RGB = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX"}  # PIL converts these to RGB directly
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+_QUIET_OPEN = threading.Lock()
 
 
 class ImageRefused(ValueError):
@@ -62,7 +66,13 @@ def open_image(
 ) -> ImageFile.ImageFile:
     """`Image.open` (header only) with the size checked; use it as a context manager."""
     try:
-        im = Image.open(source, formats=formats)
+        # PIL warns above its own limit before we can look at the size; our check below
+        # refuses (or accepts) with the limit in force, so its warning would only add a line.
+        # catch_warnings swaps the process's filter list: the lock keeps two decoding threads
+        # from restoring each other's.
+        with _QUIET_OPEN, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source, formats=formats)
     except Image.DecompressionBombError:  # over PIL's own hard limit, raised inside Image.open
         pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
         raise ImageRefused(

@@ -45,7 +45,7 @@ def test_transparency_is_composited_on_white():
     assert (got[:8] == (200, 0, 0)).all() and (got[8:] == 255).all()
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")  # ours, not PIL's
 def test_pixel_limit_is_413_quoting_the_limit_and_leaves_pil_settings_alone():
     def header_only(w: int, h: int) -> bytes:
         def chunk(kind: bytes, body: bytes) -> bytes:

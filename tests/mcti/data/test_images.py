@@ -166,7 +166,7 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")  # ours, not PIL's
 def test_pixel_limit_is_checked_from_the_header_and_quoted(tmp_path):
     """Refusals quote the limit in force, and PIL's process-wide setting is left alone."""
     pil_default = Image.MAX_IMAGE_PIXELS
