@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mcti.data.images import MAX_PIXELS, load_image, pil_to_tensor  # noqa: F401 (re-exported)
+from mcti.data.images import load_image, pil_to_tensor  # noqa: F401 (also imported from here)
 from mcti.errors import UserError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
