@@ -95,7 +95,10 @@ def decode(im: Image.Image, size: int) -> np.ndarray:
     if im.format == "JPEG":
         im.draft(None, (size, size))  # DCT scaling by 1/2..1/8 while both sides stay >= size
     im.load()
-    ImageOps.exif_transpose(im, in_place=True)
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except Exception:  # a malformed EXIF block is metadata lost, not an unreadable image
+        pass
     return _to_rgb8(_centre_square(_resamplable(im), size))
 
 
