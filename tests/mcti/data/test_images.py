@@ -251,3 +251,22 @@ def test_decoding_memory_is_bounded_by_pixels_and_size(tmp_path):
         size = int(spec.split("@")[1])
         bound = 10 * pixels + 32 * size * size + 8_000_000
         assert peaks[spec] <= bound, (spec, peaks[spec], bound)
+
+
+def test_classify_refuses_thin_and_huge_images_in_one_line(tmp_path, capsys):
+    from mcti.cli import main
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=2, size=16)
+    tok = tmp_path / "tok"
+    argv = ["train", "--model", "tiny-random", "--data", str(data), "--out", str(tok)]
+    argv += ["--steps", "1", "--shots", "2", "--batch-size", "2", "--draws", "1"]
+    assert main([*argv, "--negatives", "1", "--device", "cpu", "--quiet"]) == 0
+    Image.new("L", (2100, 100)).save(tmp_path / "thin.png")
+    (tmp_path / "huge.png").write_bytes(_png_header_only(10_000, 10_000))
+    for name, words in [("thin", "more than 20 times"), ("huge", "the limit is 64000000")]:
+        capsys.readouterr()
+        argv = ["classify", "--tokens", str(tok), "--device", "cpu", str(tmp_path / f"{name}.png")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("mcti classify: error: ") and words in err
