@@ -59,7 +59,7 @@ def cmd_eval(a: EvalArgs) -> None:
 def cmd_classify(a: ClassifyArgs) -> None:
     import torch
 
-    from mcti.data.folders import load_image
+    from mcti.data.images import load_image
     from mcti.eval.evaluate import load_classifier, score_all
 
     if a.top_k < 1:

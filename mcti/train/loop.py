@@ -18,7 +18,7 @@ from mcti.core.objectives import Objective, ObjectiveSettings, sample_draws
 from mcti.core.store import save_tokens
 from mcti.core.tokens import TokenSet, TokenTable
 from mcti.data.coop import open_dataset, pick_shots
-from mcti.data.folders import ImageFolder, load_images
+from mcti.data.folders import ImageFolder, load_shots
 from mcti.errors import UserError
 from mcti.settings import TrainArgs
 from mcti.train.checkpoint import Checkpoint
@@ -77,7 +77,8 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
     if settings.method == "mcti" and settings.reg == "clip":
         bundle.require_clip()
     picked = pick_shots(data, cfg.shots, cfg.seed)  # CoOp's sampling for coop: specs
-    pixels, kept = load_images(data, picked, bundle.resolution)  # (N, 3, H, W); warns on skips
+    # (N, 3, H, W); an unreadable shot is replaced by a readable file of its class, with a warning
+    pixels, kept = load_shots(data, picked, cfg.seed, bundle.resolution)
     labels = torch.tensor([data.labels[i] for i in kept])
     missing = sorted(set(range(len(data.classes))) - set(labels.tolist()))
     if missing:
