@@ -39,7 +39,7 @@ from serving.http import (
     read_body,
     short,
 )
-from serving.local_ray import keep_replica_grpc_on_loopback
+from serving.loopback import keep_replica_grpc_on_loopback
 from serving.schemas import (
     ClassifyResponse,
     GenerateRequest,

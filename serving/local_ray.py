@@ -9,8 +9,8 @@ the server's whole process session):
   agent and the metrics exporters then listen on 127.0.0.1 only. It must be set before `ray` is
   imported (Ray reads it at import) and reaches the Ray processes through their environment.
 - Serve 2.60 binds each replica's inter-deployment gRPC server to "[::]:0", hard-coded in
-  ray/serve/_private/replica.py with no setting; `keep_replica_grpc_on_loopback`, called by our
-  deployments' constructors, makes that bind 127.0.0.1 in a loopback instance.
+  ray/serve/_private/replica.py with no setting; `serving.loopback.keep_replica_grpc_on_loopback`,
+  called by our deployments' constructors, makes that bind 127.0.0.1 in a loopback instance.
 - The dashboard is off; the HTTP proxy alone listens on --host.
 Token auth: `RAY_AUTH_MODE=token` is set explicitly (Ray 2.60 happens to turn it on for a new
 local cluster, but nothing should rest on a default). The token comes from `RAY_AUTH_TOKEN`, else
@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 from mcti.errors import UserError
+from serving.loopback import LOOPBACK, LOOPBACK_ENV
 
-LOOPBACK = "127.0.0.1"
-LOOPBACK_ENV = "MCTI_RAY_LOOPBACK"  # set for the Ray processes of a loopback-only instance
 REQUEST_TIMEOUT_S = 300.0  # Serve's end-to-end limit of one HTTP request (then 408)
 
 
@@ -61,24 +60,6 @@ def prepare_environment() -> str:
     os.environ[LOOPBACK_ENV] = "1"
     _, how = token_file()
     return how
-
-
-def keep_replica_grpc_on_loopback() -> None:
-    """In a Serve replica of a loopback-only instance, make Serve's inter-deployment gRPC server
-    (started after the deployment's constructor returns) bind 127.0.0.1 instead of "[::]"."""
-    if os.environ.get(LOOPBACK_ENV) != "1":
-        return
-    from ray.serve._private import replica
-
-    bind = replica.add_port_to_grpc_server
-    if getattr(bind, "on_loopback", False):
-        return
-
-    def bind_on_loopback(server, address: str):
-        return bind(server, address.replace("[::]", LOOPBACK, 1))
-
-    bind_on_loopback.on_loopback = True
-    replica.add_port_to_grpc_server = bind_on_loopback
 
 
 def startup_error(serve, e: Exception) -> str:
