@@ -1,5 +1,5 @@
 """Helpers the benchmarks and tests share: synthetic images, a random token set, latency
-percentiles and a plain-text table. Import as `benchmarks.common` (a benchmark run as a script
+percentiles, a plain-text table and the memory of a process tree. Import as `benchmarks.common` (a benchmark run as a script
 puts the repository root on sys.path first)."""
 
 import io
@@ -68,3 +68,42 @@ def table(columns: list[tuple[str, int, str]], rows: list[dict]) -> str:
             cells.append(f"{text:<{w}}" if i == 0 else f"{text:>{w}}")
         lines.append("".join(cells))
     return "\n".join(lines)
+
+
+def process_memory(root_pid: int) -> dict:
+    """PSS (shared pages split fairly) and RSS of the processes under root_pid (e.g. the Ray
+    processes a driver started), by role: the command name, or the Ray actor's name."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(p.name))
+    todo, procs = list(children.get(root_pid, [])), []
+    while todo:
+        pid = todo.pop()
+        procs.append(pid)
+        todo += children.get(pid, [])
+    roles: dict[str, dict] = {}
+    for pid in procs:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            mem = {}
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.split(":")[0] in ("Rss", "Pss"):
+                    mem[line.split(":")[0].lower()] = int(line.split()[1]) / 1024
+        except OSError:
+            continue
+        role = cmd.removeprefix("ray::") if cmd.startswith("ray::") else Path(cmd.split()[0]).name
+        r = roles.setdefault(role, {"n": 0, "pss_mb": 0.0, "rss_mb": 0.0})
+        r["n"] += 1
+        r["pss_mb"] += mem.get("pss", 0)
+        r["rss_mb"] += mem.get("rss", 0)
+    return {
+        "processes": sum(r["n"] for r in roles.values()),
+        "pss_mb": sum(r["pss_mb"] for r in roles.values()),
+        "rss_mb": sum(r["rss_mb"] for r in roles.values()),
+        "by_role": dict(sorted(roles.items(), key=lambda kv: -kv[1]["pss_mb"])),
+    }

@@ -22,6 +22,9 @@ generating (--generate-steps DDIM steps, one image each), interleaved in --round
 next request when its previous one returns. Clients run on the same CPUs as the server.
 Both sides use the same torch intra-op thread count (--threads): on a small shared CPU,
 oversubscribed OpenMP threads make the UNet many times slower, which would swamp the comparison.
+
+(Over 400 lines: one benchmark whose four measurements share one Serve instance; each is a
+function of its own, and `main` only sequences them.)
 """
 
 import argparse
@@ -43,7 +46,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: `benchmarks.common` and the packages
 
-from benchmarks.common import percentiles, random_token_set, synthetic_pngs, table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    percentiles,
+    process_memory,
+    random_token_set,
+    synthetic_pngs,
+    table,
+)
 
 MODES = {"batched": "b", "max_batch_size=1": "u"}  # variant -> route prefix
 
@@ -189,44 +198,6 @@ def merge_rounds(rounds: list[dict]) -> dict:
         "rps": len(lat) / sum(r["wall"] for r in rounds),
         "mean_batch": statistics.mean(sizes) if sizes else None,
         "max_batch": max(sizes) if sizes else None,
-    }
-
-
-def ray_memory(root_pid: int) -> dict:
-    """PSS (shared pages split fairly) and RSS of the Ray processes this driver started, by role."""
-    children: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(p.name))
-    todo, procs = list(children.get(root_pid, [])), []
-    while todo:
-        pid = todo.pop()
-        procs.append(pid)
-        todo += children.get(pid, [])
-    roles: dict[str, dict] = {}
-    for pid in procs:
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            mem = {}
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.split(":")[0] in ("Rss", "Pss"):
-                    mem[line.split(":")[0].lower()] = int(line.split()[1]) / 1024
-        except OSError:
-            continue
-        role = cmd.removeprefix("ray::") if cmd.startswith("ray::") else Path(cmd.split()[0]).name
-        r = roles.setdefault(role, {"n": 0, "pss_mb": 0.0, "rss_mb": 0.0})
-        r["n"] += 1
-        r["pss_mb"] += mem.get("pss", 0)
-        r["rss_mb"] += mem.get("rss", 0)
-    return {
-        "processes": sum(r["n"] for r in roles.values()),
-        "pss_mb": sum(r["pss_mb"] for r in roles.values()),
-        "rss_mb": sum(r["rss_mb"] for r in roles.values()),
-        "by_role": dict(sorted(roles.items(), key=lambda kv: -kv[1]["pss_mb"])),
     }
 
 
@@ -474,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         with served(args) as urls:
             for u in urls.values():
                 load(u, pngs, 1, 2, 60)  # warm-up
-            results["memory"] = ray_memory(os.getpid())
+            results["memory"] = process_memory(os.getpid())
             results["serve"], results["in_process"] = measure_concurrency(args, call, urls, pngs)
             if args.generate_clients:
                 results["generation"] = classify_while_generating(args, urls["batched"], pngs)

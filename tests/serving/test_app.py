@@ -3,6 +3,9 @@
 Reference for the labels: the library's own `mcti classify` (mcti.cli.main) on the same files
 with the same scorer settings. Two token sets are hosted (3 and 4 classes) so that batches mix
 sets and a mix-up would show as wrong labels.
+
+(Over 400 lines: every test of the live app shares this module's one server, which takes about
+30 s to start; the last test restarts its classifier.)
 """
 
 import base64
