@@ -1,6 +1,7 @@
 """`mcti serve` as a process manager runs it: a subprocess in its own session, SIGINT ignored as
 a background job inherits it. Every listening socket of the whole session is on loopback, Ray's
-token auth is on with a token file only its owner can read, and SIGINT stops everything."""
+token auth is on with a token file only its owner can read, and SIGINT or SIGTERM to the server
+alone stops everything."""
 
 import ipaddress
 import os
@@ -70,7 +71,8 @@ def test_is_loopback_reads_ss_addresses():
         assert not is_loopback(outside)
 
 
-def test_serve_binds_loopback_only_with_token_auth_and_stops_on_sigint(tmp_path, tiny_bundle):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_binds_loopback_only_with_token_auth_and_stops_cleanly(tmp_path, tiny_bundle, stop):
     if not Path("/proc/self/stat").exists() or not shutil.which("ss"):
         pytest.skip("needs Linux /proc and ss (iproute2)")
     tokens = random_token_set(tiny_bundle, tmp_path / "tok", ["a0", "a1", "a2"])
@@ -130,7 +132,7 @@ def test_serve_binds_loopback_only_with_token_auth_and_stops_on_sigint(tmp_path,
             assert b"RAY_AUTH_MODE=token" in environ, p
         assert any("token auth on" in x and "0600" in x for x in lines)
 
-        os.kill(proc.pid, signal.SIGINT)  # to the server alone, as a process manager sends it
+        os.kill(proc.pid, stop)  # to the server alone, as a process manager sends it
         assert proc.wait(timeout=120) == 0, "".join(lines[-20:])
         reader.join(10)
         assert any("shutting down" in x for x in lines)
