@@ -1,11 +1,13 @@
 """Load test of the Serve application on loopback: latency percentiles and throughput at several
-concurrencies, with batching on vs max_batch_size=1, the memory of the Ray processes, and p50 at
-concurrency 1 against calling the library in-process.
+concurrencies, with batching on vs max_batch_size=1, the memory of the Ray processes, p50 at
+concurrency 1 against calling the library in-process, and classify latency while generation runs
+against idle (p50/p95 ratio; generation has its own bounded queue and yields to classification).
 
     python benchmarks/serve_load.py                       # tiny-random model, a 3-class token set
     python benchmarks/serve_load.py --tokens DIR --model embedded --json out.json
     python benchmarks/serve_load.py --n-samples 8,16,32 --to-keep 5,2,1 --requests 64  # library default
     python benchmarks/serve_load.py --concurrency 1,8 --requests 32 --seconds 20   # quicker
+    python benchmarks/serve_load.py --concurrency "" --requests 24   # only classify vs generation
 
 Both variants run as two Serve applications (/b batched, /u max_batch_size=1), one classifier
 replica each with its own CPU, so that they can be compared under the same background load: at
@@ -14,10 +16,15 @@ concurrency both variants are loaded at the same time.
 
 Bounded: at most max(--requests, 2c) requests and --seconds seconds of new requests per variant
 and concurrency c (2x --seconds for the interleaved concurrency 1); in-flight requests then
-finish (defaults: about 5 minutes in all here). Closed loop: each of the c client threads sends its
+finish (defaults: about 5 minutes in all here). Classify while generating: --requests sequential
+classify requests on the batched app, idle and then while --generate-clients clients keep
+generating (--generate-steps DDIM steps, one image each), interleaved in --rounds rounds. Closed loop: each of the c client threads sends its
 next request when its previous one returns. Clients run on the same CPUs as the server.
 Both sides use the same torch intra-op thread count (--threads): on a small shared CPU,
 oversubscribed OpenMP threads make the UNet many times slower, which would swamp the comparison.
+
+(Over 400 lines: one benchmark whose four measurements share one Serve instance; each is a
+function of its own, and `main` only sequences them.)
 """
 
 import argparse
@@ -31,46 +38,23 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: `benchmarks.common` and the packages
 
-def synthetic_pngs(n: int, size: int, seed: int = 0) -> list[bytes]:
-    """n PNG files: a coloured square on noise (like tests/conftest.make_image_folder)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        a = (rng.random((size, size, 3)) * 60).astype(np.uint8)
-        a[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = rng.integers(0, 255, 3)
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+from benchmarks.common import (  # noqa: E402
+    percentiles,
+    process_memory,
+    random_token_set,
+    synthetic_pngs,
+    table,
+)
 
-
-def make_token_set(bundle, out: Path, classes: int, seed: int = 0) -> Path:
-    """Random, distinct class vectors (speed does not depend on training)."""
-    import torch
-
-    from mcti.core.store import save_tokens
-    from mcti.core.tokens import TokenSet, TokenTable
-
-    init = TokenSet(bundle, classes, 1).init_vector("object")
-    table = TokenTable(classes, 1, init)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        table.vectors.add_(torch.randn(table.vectors.shape, generator=g) * init.norm())
-    save_tokens(out, table, [f"c{k:03d}" for k in range(classes)], bundle, {"method": "bench"})
-    return out
-
-
-def percentiles(xs: list[float]) -> dict:
-    if not xs:
-        return {"p50": None, "p95": None, "p99": None}
-    q = np.percentile(np.array(xs) * 1e3, [50, 95, 99])
-    return {"p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2])}
+MODES = {"batched": "b", "max_batch_size=1": "u"}  # variant -> route prefix
 
 
 def library_caller(args):
@@ -217,45 +201,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
     }
 
 
-def ray_memory(root_pid: int) -> dict:
-    """PSS (shared pages split fairly) and RSS of the Ray processes this driver started, by role."""
-    children: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(p.name))
-    todo, procs = list(children.get(root_pid, [])), []
-    while todo:
-        pid = todo.pop()
-        procs.append(pid)
-        todo += children.get(pid, [])
-    roles: dict[str, dict] = {}
-    for pid in procs:
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            mem = {}
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.split(":")[0] in ("Rss", "Pss"):
-                    mem[line.split(":")[0].lower()] = int(line.split()[1]) / 1024
-        except OSError:
-            continue
-        role = cmd.removeprefix("ray::") if cmd.startswith("ray::") else Path(cmd.split()[0]).name
-        r = roles.setdefault(role, {"n": 0, "pss_mb": 0.0, "rss_mb": 0.0})
-        r["n"] += 1
-        r["pss_mb"] += mem.get("pss", 0)
-        r["rss_mb"] += mem.get("rss", 0)
-    return {
-        "processes": sum(r["n"] for r in roles.values()),
-        "pss_mb": sum(r["pss_mb"] for r in roles.values()),
-        "rss_mb": sum(r["rss_mb"] for r in roles.values()),
-        "by_role": dict(sorted(roles.items(), key=lambda kv: -kv[1]["pss_mb"])),
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny-random")
     ap.add_argument("--tokens", default="", help="token dir (default: a random set for --model)")
@@ -265,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     # CPU for stable throughput numbers, and is the hard case for the overhead ratio.
     ap.add_argument("--n-samples", default="4,8")
     ap.add_argument("--to-keep", default="2,1")
-    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated; empty: skip")
     ap.add_argument(
         "--requests", type=int, default=128, help="max requests per variant and concurrency"
     )
@@ -285,25 +231,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cpus", type=int, default=2, help="CPUs of the local Ray instance (half per app)"
     )
+    ap.add_argument(
+        "--generate-clients", type=int, default=2, help="concurrent generators (0: skip)"
+    )
+    ap.add_argument("--generate-steps", type=int, default=25, help="DDIM steps per generation")
+    ap.add_argument("--rounds", type=int, default=2, help="idle/busy rounds, interleaved")
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    return args
 
-    from mcti.core.model import load_model
 
-    tmp = tempfile.TemporaryDirectory(prefix="serve_load_")
-    bundle = load_model(args.model, device=args.device)
-    if not args.tokens:
-        args.tokens = str(make_token_set(bundle, Path(tmp.name) / "tokens", args.classes))
-    pngs = synthetic_pngs(8, bundle.resolution)
-    del bundle
+def app_config(args, max_batch_size: int, batch_wait: float, generate: bool) -> dict:
+    return dict(
+        model=args.model,
+        tokens=args.tokens,
+        device=args.device,
+        n_samples=args.n_samples,
+        to_keep=args.to_keep,
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait,
+        max_ongoing_requests=max(16, 2 * max_batch_size),
+        max_queued_requests=max([64, *(2 * c for c in args.concurrencies)]),
+        num_cpus=(args.cpus or 2) / 2,
+        torch_threads=args.threads,
+        enable_generate=generate,
+    )
 
-    call = library_caller(args)
-    for png in pngs[:2]:
-        call(png)  # warm-up
-    results: dict = {"settings": vars(args)}
 
+@contextmanager
+def served(args):
+    """Both variants on one local Ray instance, one classifier replica each (so rounds can
+    alternate): yields {variant: url}; generation is enabled on the batched app only."""
     import ray
     from ray import serve
 
@@ -312,79 +271,110 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    modes = {"batched": (args.max_batch_size, args.batch_wait), "max_batch_size=1": (1, 0.0)}
-    urls = {m: f"{url}/{p}" for m, p in zip(modes, ("b", "u"), strict=True)}
-    # One classifier replica per mode, both up at once, so that rounds can alternate.
-    cpus = args.cpus or 2
     ray.init(
-        num_cpus=cpus,
+        num_cpus=args.cpus or 2,
         include_dashboard=False,
         object_store_memory=100 * 2**20,
         log_to_driver=False,
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for (mode, (bs, wait)), prefix in zip(modes.items(), ("b", "u"), strict=True):
-            cfg = dict(
-                model=args.model,
-                tokens=args.tokens,
-                device=args.device,
-                n_samples=args.n_samples,
-                to_keep=args.to_keep,
-                max_batch_size=bs,
-                batch_wait_timeout_s=wait,
-                max_ongoing_requests=max(16, 2 * bs),
-                max_queued_requests=max(64, 2 * max(concurrencies)),
-                num_cpus=cpus / 2,
-                torch_threads=args.threads,
-                enable_generate=False,
-            )
+        batching = {"batched": (args.max_batch_size, args.batch_wait), "max_batch_size=1": (1, 0.0)}
+        for mode, prefix in MODES.items():
+            cfg = app_config(args, *batching[mode], generate=mode == "batched")
             print(f"deploying {mode} at /{prefix} ...", file=sys.stderr)
             serve.run(build_app(cfg), name=f"mcti-{prefix}", route_prefix=f"/{prefix}")
-        for u in urls.values():
-            load(u, pngs, 1, 2, 60)  # warm-up
-        results["memory"] = ray_memory(os.getpid())
-        rows: dict[str, list] = {m: [] for m in modes}
-        if 1 in concurrencies:
-            print("concurrency 1 (interleaved with the in-process call) ...", file=sys.stderr)
-            one = concurrency_one(call, urls, pngs, args.requests, args.seconds)
-            results["in_process"] = one.pop("in_process")
-            for m in modes:
-                rows[m].append(one[m])
-        for c in [c for c in concurrencies if c != 1]:
-            # Both variants under load at the same time, one replica (one core) each: drifting
-            # background load on a shared machine then hits both alike.
-            print(f"concurrency {c}: both variants at once ...", file=sys.stderr)
-            n = max(args.requests, 2 * c)
-            with ThreadPoolExecutor(len(urls)) as ex:
-                futures = {m: ex.submit(load, u, pngs, c, n, args.seconds) for m, u in urls.items()}
-                out = {m: f.result() for m, f in futures.items()}
-            for m in modes:
-                rows[m].append(merge_rounds([out[m]]))
-        results["serve"] = rows
+        yield {m: f"http://127.0.0.1:{port}/{p}" for m, p in MODES.items()}
     finally:
         serve.shutdown()
         ray.shutdown()
-        tmp.cleanup()
 
+
+def measure_concurrency(args, call, urls: dict, pngs: list[bytes]) -> tuple[dict, dict | None]:
+    """Rows per variant (one per concurrency), and the in-process figures at concurrency 1."""
+    rows: dict[str, list] = {m: [] for m in urls}
+    in_process = None
+    if 1 in args.concurrencies:
+        print("concurrency 1 (interleaved with the in-process call) ...", file=sys.stderr)
+        one = concurrency_one(call, urls, pngs, args.requests, args.seconds)
+        in_process = one.pop("in_process")
+        for m in urls:
+            rows[m].append(one[m])
+    for c in [c for c in args.concurrencies if c != 1]:
+        # Both variants under load at the same time, one replica (one core) each: drifting
+        # background load on a shared machine then hits both alike.
+        print(f"concurrency {c}: both variants at once ...", file=sys.stderr)
+        n = max(args.requests, 2 * c)
+        with ThreadPoolExecutor(len(urls)) as ex:
+            futures = {m: ex.submit(load, u, pngs, c, n, args.seconds) for m, u in urls.items()}
+            out = {m: f.result() for m, f in futures.items()}
+        for m in urls:
+            rows[m].append(merge_rounds([out[m]]))
+    return rows, in_process
+
+
+def generate_loop(url: str, label: str, steps: int, stop: threading.Event, codes: dict) -> None:
+    """One client generating back to back until `stop`; counts the answers by status."""
+    import requests
+
+    s = requests.Session()
+    body = {"label": label, "n": 1, "steps": steps}
+    while not stop.is_set():
+        try:
+            code = s.post(f"{url}/v1/generate", json=body, timeout=600).status_code
+        except requests.RequestException:
+            code = "conn"
+        codes[code] = codes.get(code, 0) + 1
+        if code == 503:
+            time.sleep(0.2)  # the queue is full: the client backs off, as Retry-After asks
+
+
+def classify_while_generating(args, url: str, pngs: list[bytes]) -> dict:
+    """Sequential classify latency on `url`, idle and while generate clients run, interleaved."""
+    from mcti.core.store import read_meta
+
+    label = next(iter(read_meta(args.tokens)["classes"]))
+    per_round = max(1, args.requests // max(1, args.rounds))
+    idle, busy, codes = [], [], {}
+    for r in range(args.rounds):
+        print(f"classify idle / while generating, round {r + 1} ...", file=sys.stderr)
+        idle += load(url, pngs, 1, per_round, args.seconds)["lat"]
+        stop = threading.Event()
+        gens = [
+            threading.Thread(
+                target=generate_loop, args=(url, label, args.generate_steps, stop, codes)
+            )
+            for _ in range(args.generate_clients)
+        ]
+        for t in gens:
+            t.start()
+        time.sleep(1.0)  # the generations are under way
+        busy += load(url, pngs, 1, per_round, args.seconds)["lat"]
+        stop.set()
+        for t in gens:
+            t.join()
+    a, b = percentiles(idle), percentiles(busy)
+    return {
+        "idle": {"n": len(idle), **a},
+        "generating": {"n": len(busy), **b},
+        "generate_codes": {str(k): v for k, v in codes.items()},
+        "p50_ratio": b["p50"] / a["p50"] if idle and busy else None,
+        "p95_ratio": b["p95"] / a["p95"] if idle and busy else None,
+    }
+
+
+def report(results: dict) -> None:
     ip = results.get("in_process")
     if ip:
         print(f"\nin-process library call: p50 {ip['p50']:.1f} ms (n={ip['n']})")
-    head = f"{'mode':<18}{'c':>4}{'n':>5}{'err':>5}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
-    print(head + f"{'req/s':>8}{'batch':>7}")
-    for m, rs in rows.items():
-        for row in rs:
-            print(
-                f"{m:<18}{row['concurrency']:>4}{row['n']:>5}{row['errors']:>5}"
-                f"{row['p50']:>9.1f}{row['p95']:>9.1f}{row['p99']:>9.1f}{row['rps']:>8.2f}"
-                f"{row['mean_batch']:>7.2f}"
-            )
+    rows = results.get("serve", {})
+    if any(rows.values()):
+        columns = [("mode", 18, "s"), ("c", 4, "d"), ("n", 5, "d"), ("errors", 7, "d")]
+        columns += [("p50", 9, ".1f"), ("p95", 9, ".1f"), ("p99", 9, ".1f")]
+        columns += [("rps", 8, ".2f"), ("mean_batch", 11, ".2f")]
+        flat = [{"mode": m, "c": r["concurrency"], **r} for m, rs in rows.items() for r in rs]
+        print(table(columns, flat))
     mem = results["memory"]
-    other = sum(
-        r["pss_mb"] for k, r in mem["by_role"].items() if k.startswith("ServeReplica:mcti-u:")
-    )
-    mem["one_app_pss_mb"] = mem["pss_mb"] - other
     print(
         f"Ray processes (both apps): {mem['processes']}, PSS {mem['pss_mb']:.0f} MB, "
         f"RSS {mem['rss_mb']:.0f} MB; one app alone (without /u's replicas): PSS "
@@ -392,22 +382,77 @@ def main(argv: list[str] | None = None) -> int:
     )
     for role, r in mem["by_role"].items():
         print(f"  {role[:60]:<60} x{r['n']:<3} PSS {r['pss_mb']:7.0f} MB")
-    b, u = rows["batched"], rows["max_batch_size=1"]
-    summary = {
-        "p50_c1_vs_in_process": b[0]["p50"] / ip["p50"] if ip else None,
-        "batching_gain": {
-            str(x["concurrency"]): x["rps"] / y["rps"] for x, y in zip(b, u, strict=True)
-        },
-    }
-    results["summary"] = summary
-    if ip:
+    summary = results["summary"]
+    if summary.get("p50_c1_vs_in_process"):
         print(
             f"\np50 at concurrency 1 (batched app) / in-process: {summary['p50_c1_vs_in_process']:.2f}x"
         )
-    print(
-        "throughput batched / max_batch_size=1: "
-        + ", ".join(f"c={k}: {v:.2f}x" for k, v in summary["batching_gain"].items())
+    if summary.get("batching_gain"):
+        print(
+            "throughput batched / max_batch_size=1: "
+            + ", ".join(f"c={k}: {v:.2f}x" for k, v in summary["batching_gain"].items())
+        )
+    g = results.get("generation")
+    if g:
+        print("\nclassify at concurrency 1, idle vs while generating (batched app):")
+        print(
+            table(
+                [("", 12, "s"), ("n", 5, "d"), ("p50", 9, ".1f"), ("p95", 9, ".1f")],
+                [{"": k, **g[k]} for k in ("idle", "generating")],
+            )
+        )
+        print(
+            f"ratio while generating / idle: p50 {g['p50_ratio']:.2f}x, p95 {g['p95_ratio']:.2f}x; "
+            f"generate answers {g['generate_codes']}"
+        )
+
+
+def summarize(results: dict) -> dict:
+    rows, ip = results.get("serve", {}), results.get("in_process")
+    b, u = rows.get("batched", []), rows.get("max_batch_size=1", [])
+    mem = results["memory"]
+    mem["one_app_pss_mb"] = mem["pss_mb"] - sum(
+        r["pss_mb"] for k, r in mem["by_role"].items() if k.startswith("ServeReplica:mcti-u:")
     )
+    return {
+        "p50_c1_vs_in_process": b[0]["p50"] / ip["p50"] if ip and b else None,
+        "batching_gain": {
+            str(x["concurrency"]): x["rps"] / y["rps"] for x, y in zip(b, u, strict=True)
+        },
+        "classify_p50_generating_vs_idle": (results.get("generation") or {}).get("p50_ratio"),
+        "classify_p95_generating_vs_idle": (results.get("generation") or {}).get("p95_ratio"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mcti.core.model import load_model
+
+    tmp = tempfile.TemporaryDirectory(prefix="serve_load_")
+    bundle = load_model(args.model, device=args.device)
+    if not args.tokens:
+        labels = [f"c{k:03d}" for k in range(args.classes)]
+        args.tokens = str(random_token_set(bundle, Path(tmp.name) / "tokens", labels, 0, "bench"))
+    pngs = synthetic_pngs(8, bundle.resolution)
+    del bundle
+
+    call = library_caller(args)
+    for png in pngs[:2]:
+        call(png)  # warm-up
+    results: dict = {"settings": {k: v for k, v in vars(args).items() if k != "concurrencies"}}
+    try:
+        with served(args) as urls:
+            for u in urls.values():
+                load(u, pngs, 1, 2, 60)  # warm-up
+            results["memory"] = process_memory(os.getpid())
+            results["serve"], results["in_process"] = measure_concurrency(args, call, urls, pngs)
+            if args.generate_clients:
+                results["generation"] = classify_while_generating(args, urls["batched"], pngs)
+    finally:
+        tmp.cleanup()
+    results["summary"] = summarize(results)
+    report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

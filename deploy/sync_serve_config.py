@@ -4,8 +4,8 @@
     python deploy/sync_serve_config.py --check   # exit 1 if they differ
 
 The RayService embeds the Serve config as a string, so it cannot include the file; this copies
-the `applications` list verbatim and adds `http_options` that listen on the pod's address (0.0.0.0)
-on the port the file names (8000 by default). Only the serveConfigV2 block of the manifest is
+the `applications` list verbatim, and the file's `http_options` (port 8000 by default, the request
+timeout) listening on the pod's address (0.0.0.0). Only the serveConfigV2 block of the manifest is
 rewritten; its comments and the rest of the file stay as they are.
 """
 
@@ -28,8 +28,9 @@ def wanted(serve_config: Path) -> dict:
     apps = cfg.get("applications")
     if not apps:
         raise SystemExit(f"{serve_config}: no 'applications' list")
-    port = (cfg.get("http_options") or {}).get("port", 8000)
-    return {"http_options": {"host": "0.0.0.0", "port": port}, "applications": apps}
+    http = {"host": "0.0.0.0", "port": 8000}
+    http.update((k, v) for k, v in (cfg.get("http_options") or {}).items() if k != "host")
+    return {"http_options": http, "applications": apps}
 
 
 def block_span(lines: list[str]) -> tuple[int, int, int]:

@@ -1,5 +1,7 @@
 """Ray Serve application for MC-TI classification: HTTP ingress + batched classifier deployment.
 
 `serving.app:build_app` is the Serve application builder; `mcti serve` (mcti/cli/serve.py) runs it
-locally; serving/serve_config.yaml is the same application as a Serve config file.
+on a local Ray instance started by serving/local_ray.py; serving/serve_config.yaml is the same
+application as a Serve config file. The deployments are in serving/deployments.py, their HTTP
+parsing and errors in serving/http.py, the batcher in serving/batcher.py (plain Python).
 """

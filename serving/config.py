@@ -100,6 +100,15 @@ class AppConfig(BaseModel):
     max_generate_steps: int = Field(
         50, ge=1, description="Upper bound of a generate request's steps."
     )
+    max_generate_queue: int = Field(
+        2,
+        ge=1,
+        description="Generations a classifier replica holds at once (running or waiting); more "
+        "get a fast 503. Scoring goes first: a generation yields the model between its steps.",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body not fully received within this gets 408."
+    )
     # scale and capacity
     num_replicas: int = Field(
         1, ge=1, description="Classifier replicas (ignored when autoscaling)."

@@ -8,11 +8,7 @@ torch are imported inside `run`).
 
 import dataclasses
 import os
-import re
-import signal
 import socket
-import sys
-import time
 from dataclasses import dataclass
 
 from mcti.errors import UserError
@@ -89,21 +85,6 @@ def _check_port(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def _why(serve, e: Exception) -> str:
-    """The replicas' own error (e.g. tokens of another base model), else Serve's last line."""
-    try:
-        app = serve.status().applications["mcti"]
-        texts = [d.message for d in app.deployments.values() if d.message] + [app.message]
-    except Exception:
-        texts = []
-    for text in [*texts, str(e)]:
-        m = re.findall(r"UserError: (.+)", text or "")
-        if m:
-            return m[-1].strip()
-    lines = [x for x in str(e).splitlines() if x.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 def run(a: ServeArgs) -> None:
     from serving.config import load_config
 
@@ -116,45 +97,12 @@ def run(a: ServeArgs) -> None:
     labels = cfg.check_paths()  # bad token dirs fail here, before Ray starts
     _check_port(a.host, a.port)
 
-    import ray
-    from ray import serve
-
-    from serving.app import build_app
+    from serving.local_ray import serve_locally
 
     patient_proxy_checks()
-    ray.init(
-        num_cpus=cpus,
-        include_dashboard=False,
-        object_store_memory=200 * 2**20,
-        namespace="mcti-serve",
-    )
-
-    def _stop(signum, frame):  # SIGTERM (docker stop, kill) exits as cleanly as Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        serve.start(http_options={"host": a.host, "port": a.port})
-        try:
-            serve.run(build_app(cfg), name="mcti", route_prefix="/", blocking=False)
-        except Exception as e:
-            raise UserError(f"the application did not start: {_why(serve, e)}") from None
-        sets = ", ".join(f"{k} ({len(v)} classes)" for k, v in labels.items())
-        print(
-            f"mcti serve: {sets} on http://{a.host}:{a.port} (API docs at /docs); Ctrl-C stops",
-            file=sys.stderr,
-            flush=True,
-        )
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("mcti serve: shutting down", file=sys.stderr, flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    sets = ", ".join(f"{k} ({len(v)} classes)" for k, v in labels.items())
+    ready = f"mcti serve: {sets} on http://{a.host}:{a.port} (API docs at /docs); Ctrl-C stops"
+    serve_locally(cfg, a.host, a.port, cpus, ready)
 
 
 def patient_proxy_checks(seconds: int = 60) -> None:

@@ -230,3 +230,37 @@ class Classifier:
         pre = self.clip.score_pixels(pixels)
         cand = pre.scores.topk(min(self.hybrid_m, self.K), dim=1).indices
         return self.diffusion.score_latents(x0, candidates=cand)
+
+    @classmethod
+    def for_scorers(
+        cls,
+        bundle: ModelBundle,
+        tokens: TokenSet,
+        table: TokenTable,
+        settings,
+        scorers: list[str],
+    ) -> dict[str, "Classifier"]:
+        """One classifier per scorer of one token set (the server hosts them side by side), built
+        as `from_settings` builds each, with the token conditioning computed once: diffusion and
+        hybrid share one (K, L, d) conditioning, clip and hybrid one set of CLIP text features.
+        The scorers read `tokens` through a view that remembers what it has encoded."""
+        encoded: dict = {}
+
+        class Remembering:  # `tokens`, each encoding computed on first use
+            def __getattr__(self, name):
+                return getattr(tokens, name)
+
+            def class_conditioning(self, table: TokenTable, template: str) -> torch.Tensor:
+                key = ("cond", template)
+                if key not in encoded:
+                    encoded[key] = tokens.class_conditioning(table, template)
+                return encoded[key]
+
+            def clip_text_features(self, table: TokenTable, prompts: list[str]) -> torch.Tensor:
+                key = ("clip", tuple(prompts))
+                if key not in encoded:
+                    encoded[key] = tokens.clip_text_features(table, prompts)
+                return encoded[key]
+
+        view = Remembering()
+        return {s: cls.from_settings(bundle, view, table, settings, s) for s in scorers}

@@ -3,6 +3,9 @@
 Reference for the labels: the library's own `mcti classify` (mcti.cli.main) on the same files
 with the same scorer settings. Two token sets are hosted (3 and 4 classes) so that batches mix
 sets and a mix-up would show as wrong labels.
+
+(Over 400 lines: every test of the live app shares this module's one server, which takes about
+30 s to start; the last test restarts its classifier.)
 """
 
 import base64
@@ -18,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
+from benchmarks.common import random_token_set
 from mcti.cli.serve import patient_proxy_checks
+from serving.local_ray import REQUEST_TIMEOUT_S
 from tests.conftest import make_image_folder
 
 requests = pytest.importorskip("requests")
@@ -32,20 +36,7 @@ pytestmark = pytest.mark.slow
 SCHEDULE = ["--n-samples", "2,4", "--to-keep", "2,1"]  # small: ~10 UNet rows per image
 LIMIT_BODY, LIMIT_PIXELS = 200_000, 1_000_000
 MAX_BATCH, MAX_ONGOING, MAX_QUEUED = 4, 8, 8
-
-
-def write_token_set(bundle, out: Path, labels: list[str], seed: int) -> Path:
-    """A token set as training writes it, with distinct random vectors (no training needed)."""
-    from mcti.core.store import save_tokens
-    from mcti.core.tokens import TokenSet, TokenTable
-
-    init = TokenSet(bundle, len(labels), 1).init_vector("object")
-    table = TokenTable(len(labels), 1, init)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        table.vectors.add_(torch.randn(table.vectors.shape, generator=g) * init.norm())
-    save_tokens(out, table, labels, bundle, {"method": "test"})
-    return out
+BODY_TIMEOUT_S, MAX_GENERATE_QUEUE = 2.0, 2
 
 
 def library_classify(paths: list[Path], tokens: Path, scorer: str, top_k: int) -> dict:
@@ -93,8 +84,8 @@ def server(tmp_path_factory, tiny_bundle):
     data = make_image_folder(root / "data", n_classes=3, per_class=2)
     images = sorted(data.glob("*/*.png"))
     sets = {
-        "a": write_token_set(tiny_bundle, root / "tok-a", ["sku-0000", "sku-0001", "sku-0002"], 0),
-        "b": write_token_set(tiny_bundle, root / "tok-b", ["b0", "b1", "b2", "b3"], 1),
+        "a": random_token_set(tiny_bundle, root / "tok-a", ["sku-0000", "sku-0001", "sku-0002"], 0),
+        "b": random_token_set(tiny_bundle, root / "tok-b", ["b0", "b1", "b2", "b3"], 1),
     }
     expected = {
         ("a", "diffusion"): library_classify(images, sets["a"], "diffusion", 3),
@@ -105,7 +96,9 @@ def server(tmp_path_factory, tiny_bundle):
     patient_proxy_checks()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S}
+        )
         cfg = dict(
             tokens={k: str(v) for k, v in sets.items()},
             model="tiny-random",
@@ -119,6 +112,8 @@ def server(tmp_path_factory, tiny_bundle):
             max_body_bytes=LIMIT_BODY,
             max_pixels=LIMIT_PIXELS,
             max_generate_steps=50,
+            max_generate_queue=MAX_GENERATE_QUEUE,
+            body_timeout_s=BODY_TIMEOUT_S,
         )
         serve.run(build_app(cfg), name="mcti", route_prefix="/")
         log_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
@@ -359,3 +354,141 @@ def test_no_request_payload_in_logs(server):
     assert rid.encode() in text, "the Serve access log never recorded the requests"
     for needle in needles:
         assert needle not in text
+
+
+def test_deeply_nested_json_is_a_400(server):
+    """JSON nested past the parser's recursion limit is the client's mistake (400), not a 500."""
+    deep = b"[" * 50_000  # within max_body_bytes; the parser gives up near 1000 levels
+    for path in ("/v1/classify", "/v1/generate"):
+        r = requests.post(
+            f"{server.url}{path}",
+            data=deep,
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        _assert_error(r, 400, "nested too deeply")
+    inner = b'{"image_b64": "aGk=", "top_k": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    r = requests.post(
+        f"{server.url}/v1/classify",
+        data=inner,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    _assert_error(r, 400, "nested too deeply")
+    assert server.classify(server.images[0]).status_code == 200
+
+
+def _slow_post(url: str, path: str, body: bytes, seconds_per_byte: float) -> tuple[bytes, float]:
+    """POST `body` a byte at a time; the server's answer and when it came (s after the start)."""
+    host, port = url.removeprefix("http://").split(":")
+    t0 = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        s.sendall(head.encode())
+        s.setblocking(False)
+        answer = b""
+        for byte in body:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break  # the server closed the connection
+            deadline = time.perf_counter() + seconds_per_byte
+            while time.perf_counter() < deadline:
+                try:
+                    chunk = s.recv(65536)
+                except BlockingIOError:
+                    time.sleep(0.05)
+                    continue
+                answer += chunk
+                if not chunk or b"\r\n\r\n" in answer:
+                    break
+            if answer:
+                break
+        s.setblocking(True)
+        s.settimeout(30)
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+                if b"}" in answer.partition(b"\r\n\r\n")[2]:
+                    break
+        except OSError:
+            pass
+    return answer, time.perf_counter() - t0
+
+
+def test_a_body_sent_at_one_byte_a_second_gets_408(server):
+    """A slow client does not hold the connection: after body_timeout_s it gets a JSON 408."""
+    body = json.dumps({"image_b64": "aGk=" * 10}).encode()
+    for path in ("/v1/classify", "/v1/generate"):
+        answer, took = _slow_post(server.url, path, body, seconds_per_byte=1.0)
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.split()[1:2] == [b"408"], answer[:300]
+        assert b"did not arrive within" in rest
+        assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 10, took  # not the whole body's 50 s
+    assert server.classify(server.images[0]).status_code == 200
+
+
+def _generate(server: Server, results: list, steps: int = 50) -> None:
+    r = requests.post(
+        f"{server.url}/v1/generate",
+        json={"label": "b1", "token_set": "b", "n": 4, "steps": steps},
+        timeout=300,
+    )
+    results.append((r, time.perf_counter()))
+
+
+def test_generation_queue_is_bounded_and_classify_goes_first(server):
+    """While max_generate_queue generations are in the classifier, another generate gets a fast
+    503, and a classify is answered between generation steps, long before they finish."""
+    results: list = []
+    threads = [
+        threading.Thread(target=_generate, args=(server, results))
+        for _ in range(MAX_GENERATE_QUEUE)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while (
+        requests.get(f"{server.url}/v1/stats", timeout=30).json()["ongoing"].get("generate", 0)
+        < MAX_GENERATE_QUEUE
+    ):
+        assert time.time() < deadline, "the generations never started"
+        time.sleep(0.02)
+    t0 = time.perf_counter()
+    over = requests.post(
+        f"{server.url}/v1/generate", json={"label": "b1", "token_set": "b"}, timeout=60
+    )
+    fast = time.perf_counter() - t0
+    r = server.classify(server.images[0])
+    classified = time.perf_counter()
+    for t in threads:
+        t.join()
+    _assert_error(over, 503, "generation queue")
+    assert over.headers.get("retry-after") == "1" and fast < 5, fast
+    assert r.status_code == 200
+    assert r.json()["labels"] == server.expected[("a", "diffusion")][rel(server.images[0])][0]
+    assert [g.status_code for g, _ in results] == [200] * MAX_GENERATE_QUEUE
+    assert classified < min(done for _, done in results)  # not queued behind the generations
+
+
+def test_healthz_asks_the_classifier_every_time(server):
+    """Kill the classifier replica: /healthz says 503 at once (it is not a cached first answer),
+    and 200 again once Serve has replaced the replica. Runs last: it restarts the classifier."""
+    assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    names = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if "MctiClassifier" in a["name"]
+    ]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    t0 = time.perf_counter()
+    r = requests.get(f"{server.url}/healthz", timeout=30)
+    _assert_error(r, 503, "classifier")
+    assert time.perf_counter() - t0 < 10
+    deadline = time.time() + 180
+    while requests.get(f"{server.url}/healthz", timeout=30).status_code != 200:
+        assert time.time() < deadline, "the classifier never came back"
+        time.sleep(1)
+    assert server.classify(server.images[1]).status_code == 200
