@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcti.cli.args import add_dataclass_args, to_dataclass
+from mcti.cli.args import SettingsParser, add_dataclass_args, to_dataclass
+from mcti.cli.env import setup_process
 from mcti.errors import UserError
 from mcti.settings import TrainArgs
 from training import ds_config
@@ -41,13 +42,16 @@ class DistTrainArgs(TrainArgs):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SettingsParser(
         prog="python -m training",
         description="Data-parallel MC-TI training with DeepSpeed (start it with torchrun or deepspeed).",
     )
     add_dataclass_args(parser, DistTrainArgs)
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--verbose", action="store_true", help="Show third-party progress bars and warnings."
+    )
     return parser
 
 
@@ -98,8 +102,9 @@ def preflight(args: DistTrainArgs, world_size: int) -> ds_config.Resolved:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = to_dataclass(DistTrainArgs, build_parser().parse_args(argv))
+    ns = build_parser().parse_args(argv)
+    setup_process(verbose=ns.verbose)
+    args = to_dataclass(DistTrainArgs, ns)
     rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
     try:
         if "WORLD_SIZE" not in os.environ and args.nproc > 1:
