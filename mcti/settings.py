@@ -8,7 +8,9 @@ settings are composed from the groups by inheritance, so attribute access stays 
 fails before any model loads, whoever builds it: the CLI (mcti/cli/args.py), the Serve config
 (serving/config.py builds its pydantic model from `ServeSettings`) or Python code.
 
-This module imports nothing heavy (no torch, no pydantic): `mcti --help` reads it.
+This module imports nothing heavy (no torch, no pydantic): `mcti --help` reads it. It is
+longer than our other modules on purpose: every setting of the project, in one place, is the
+point (the field docstrings are most of it).
 """
 
 import ast
