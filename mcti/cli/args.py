@@ -62,6 +62,7 @@ def _choices(tp: type) -> tuple | None:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option (or positional) per field of settings dataclass `cls`."""
     docs = field_docs(cls)
     types_ = field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -112,7 +113,8 @@ def _writable_dir(path: Path) -> None:
 
 def check_output(flag: str, path: str, kind: str) -> None:
     """UserError unless `path` can be written as a directory (kind "dir") or a file ("file"):
-    not the other kind already, and inside a directory we may write in. Creates nothing."""
+    not the other kind already, and inside a directory we may write in. Leaves nothing behind
+    (a probe file is created and removed in the nearest existing directory)."""
     p = Path(path)
     if kind == "dir" and p.exists() and not p.is_dir():
         raise UserError(f"{flag} '{path}' is a file, not a directory")
