@@ -1,6 +1,7 @@
 """The command line as a process: third-party chatter only with --verbose, and a failing
 environment (a write the system refuses) as one line and exit 1, never a traceback."""
 
+import json
 import os
 import resource
 import signal
@@ -71,3 +72,22 @@ def test_a_write_the_system_refuses_is_one_line_and_exit_1(tmp_path, tiny_bundle
     assert "Traceback" not in r.stderr
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no debris
     assert mcti(*argv).returncode == 0 and out.stat().st_size > 4096  # the same run, unlimited
+
+
+def test_eval_prints_its_results_before_a_plot_that_cannot_be_written(tmp_path, tiny_bundle):
+    """The plot's path passes the up-front check, then its write fails (EFBIG): the results were
+    already printed, the command says what failed in one line and exits 1."""
+    from mcti.core.store import save_tokens
+    from mcti.core.tokens import TokenTable
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=2)
+    table = TokenTable(2, 1, torch.zeros(tiny_bundle.hidden_size))
+    save_tokens(tmp_path / "tok", table, ["sku-0000", "sku-0001"], tiny_bundle)
+    plot = tmp_path / "cm.png"
+    argv = ["eval", "--tokens", str(tmp_path / "tok"), "--data", str(data), "--json"]
+    argv += ["--plot", str(plot), "--n-samples", "2", "--to-keep", "1", "--device", "cpu"]
+    r = mcti(*argv, preexec_fn=_small_files_only)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("mcti eval: error: File too large")
+    assert json.loads(r.stdout)["n_images"] == 4 and not plot.exists()
