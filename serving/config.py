@@ -1,19 +1,37 @@
 """Settings of the serving application (one pydantic model, validated once in the driver).
 
+AppConfig is built from mcti.settings.ServeSettings: the same names, defaults, docstrings (as
+descriptions), choices and bounds as `mcti serve`'s flags, so a new setting is one edit there;
+only the checks across fields live here.
+
 The same keys are the `args:` of an application in a Serve config file
 (`import_path: serving.app:build_app`), the top level of `mcti serve --config FILE`, and the
 fields `build_app(args)` takes. Imports stay light (no torch, no ray): `mcti --help` loads this.
 """
 
+import dataclasses
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import annotated_types
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from mcti.errors import UserError
-from mcti.settings import DEFAULT_MODEL
+from mcti.settings import SCORERS, Bounds, Check, ScorerSettings, ServeSettings, field_docs, part
 
-SCORERS = ("diffusion", "clip", "hybrid")
+__all__ = ["SCORERS", "AppConfig", "load_config", "parse_tokens", "read_config_file"]
+
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # decoders PIL may try on a request body
 
 
@@ -23,123 +41,67 @@ def parse_tokens(spec: str) -> dict[str, str]:
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise UserError("--tokens is empty: give a token directory or ID=DIR,ID=DIR")
-    for i, part in enumerate(parts):
-        key, sep, path = part.partition("=")
+    for i, part_ in enumerate(parts):
+        key, sep, path = part_.partition("=")
         if not sep:
-            key, path = ("default" if len(parts) == 1 else Path(part).name or f"set{i}"), part
+            key, path = ("default" if len(parts) == 1 else Path(part_).name or f"set{i}"), part_
         key, path = key.strip(), path.strip()
         if not key or not path:
-            raise UserError(f"--tokens entry '{part}' must be DIR or ID=DIR")
+            raise UserError(f"--tokens entry '{part_}' must be DIR or ID=DIR")
         if key in out:
             raise UserError(f"--tokens names token set '{key}' twice")
         out[key] = path
     return out
 
 
-class AppConfig(BaseModel):
-    """Everything the ingress and the classifier deployment need; defaults suit one CPU box."""
+def _checked(check: Check):
+    def validate(value):
+        problem = check.problem(value)
+        if problem:
+            raise ValueError(f"{problem} (not {value!r})")
+        return value
+
+    return AfterValidator(validate)
+
+
+def pydantic_type(hint):
+    """The pydantic form of a settings type hint: Bounds become annotated_types constraints,
+    Checks become validators (through Optional, list and Annotated)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        base, *markers = args
+        extra = []
+        for m in markers:
+            if isinstance(m, Bounds):
+                for name in ("ge", "gt", "le"):
+                    if getattr(m, name) is not None:
+                        extra.append(getattr(annotated_types, name.capitalize())(getattr(m, name)))
+            elif isinstance(m, Check):
+                extra.append(_checked(m))
+        return Annotated[(pydantic_type(base), *extra)] if extra else pydantic_type(base)
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(pydantic_type(a) for a in args)]  # noqa: UP007
+    if origin is list:
+        return list[pydantic_type(args[0])]
+    return hint  # plain types and Literal choices as they are
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    """create_model fields of a settings dataclass: its types, defaults and docstrings."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    docs = field_docs(cls)
+    return {
+        f.name: (pydantic_type(hints[f.name]), Field(f.default, description=docs.get(f.name)))
+        for f in dataclasses.fields(cls)
+    }
+
+
+class _AppConfigChecks(BaseModel):
+    """Checks across fields, and conveniences; the fields come from mcti.settings.ServeSettings."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    # model and token sets
-    model: str = Field(
-        DEFAULT_MODEL, description="Base model: diffusers dir, 'embedded' or 'tiny-random'."
-    )
-    clip: str | None = Field(
-        None, description="transformers CLIPModel dir when the model has no clip/."
-    )
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (per replica).")
-    precision: str = Field("fp32", description="fp32, bf16 or fp16 UNet/VAE (bf16/fp16 need CUDA).")
-    attention: str = Field("auto", description="UNet attention backend: auto, sdpa or xformers.")
-    tokens: dict[str, str] = Field(
-        ...,
-        description="Token sets {id: directory written by `mcti train`}; a string 'DIR' or "
-        "'id=DIR,id=DIR' is accepted. All stay resident in every replica; the first is the default.",
-    )
-    # scoring
-    scorer: str = Field("diffusion", description="Default scorer: diffusion, clip or hybrid.")
-    scorers: list[str] | None = Field(
-        None,
-        description="Scorers a request may pick (built at load time). Default: the default scorer, "
-        "plus clip and hybrid when the model has a CLIP vision tower.",
-    )
-    n_samples: str = Field(
-        "8,16,32", description="Diffusion scorer: cumulative (t, eps) samples per stage."
-    )
-    to_keep: str = Field("5,2,1", description="Diffusion scorer: classes kept after each stage.")
-    hybrid_m: int = Field(
-        10, ge=1, description="Hybrid scorer: classes kept by the clip prefilter."
-    )
-    batch_rows: int = Field(
-        256, ge=1, description="UNet rows (image x class x t) per forward pass."
-    )
-    template: str = Field("a photo of a {}", description="Prompt of each class token.")
-    seed: int = Field(
-        0, description="Seed of the (t, eps) grid: same seed, same scores as `mcti classify`."
-    )
-    top_k: int = Field(5, ge=1, description="Labels returned when a request does not say.")
-    # batching
-    max_batch_size: int = Field(
-        8, ge=1, description="Images scored together (one scorer call per token set and scorer)."
-    )
-    batch_wait_timeout_s: float = Field(
-        0.0,
-        ge=0,
-        description="How long a request waits for others before a batch is collected. Requests "
-        "arriving while the model is busy join its next call anyway; a wait only helps bursts "
-        "that hit an idle replica (worth a few ms on a GPU), and costs that much at low load.",
-    )
-    # input limits
-    max_body_bytes: int = Field(10_000_000, ge=1024, description="Larger request bodies get 413.")
-    max_pixels: int = Field(
-        25_000_000,
-        ge=1,
-        description="Images with more pixels (width x height) get 413, checked before decoding.",
-    )
-    enable_generate: bool = Field(True, description="Serve POST /v1/generate (PNG of a class).")
-    max_generate_steps: int = Field(
-        50, ge=1, description="Upper bound of a generate request's steps."
-    )
-    max_generate_queue: int = Field(
-        2,
-        ge=1,
-        description="Generations a classifier replica holds at once (running or waiting); more "
-        "get a fast 503. Scoring goes first: a generation yields the model between its steps.",
-    )
-    body_timeout_s: float = Field(
-        30.0, gt=0, description="A request body not fully received within this gets 408."
-    )
-    # scale and capacity
-    num_replicas: int = Field(
-        1, ge=1, description="Classifier replicas (ignored when autoscaling)."
-    )
-    min_replicas: int | None = Field(
-        None, ge=0, description="Autoscaling lower bound (set both bounds to autoscale)."
-    )
-    max_replicas: int | None = Field(None, ge=1, description="Autoscaling upper bound.")
-    target_ongoing_requests: float = Field(
-        8, gt=0, description="Autoscaling target of in-flight requests per replica."
-    )
-    num_gpus: float = Field(0, ge=0, description="GPUs per classifier replica.")
-    num_cpus: float = Field(1, ge=0, description="CPUs reserved per classifier replica.")
-    torch_threads: int = Field(
-        0,
-        ge=0,
-        description="torch intra-op threads in a replica (0: max(1, num_cpus), Ray's default).",
-    )
-    max_ongoing_requests: int = Field(
-        16, ge=1, description="Requests a classifier replica holds at once (>= max_batch_size)."
-    )
-    max_queued_requests: int = Field(
-        32,
-        ge=0,
-        description="Requests waiting for a classifier replica, per ingress replica; more get a fast 503.",
-    )
-    ingress_replicas: int = Field(
-        1, ge=1, description="HTTP ingress replicas (decode + validation)."
-    )
-
-    @field_validator("tokens", mode="before")
+    @field_validator("tokens", mode="before", check_fields=False)
     @classmethod
     def _tokens(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -148,23 +110,8 @@ class AppConfig(BaseModel):
             raise ValueError("needs at least one token set")
         return v
 
-    @field_validator("scorer")
-    @classmethod
-    def _scorer(cls, v: str) -> str:
-        if v not in SCORERS:
-            raise ValueError(f"must be one of {', '.join(SCORERS)}, not '{v}'")
-        return v
-
-    @field_validator("scorers")
-    @classmethod
-    def _scorers(cls, v: list[str] | None) -> list[str] | None:
-        for s in v or []:
-            if s not in SCORERS:
-                raise ValueError(f"must be among {', '.join(SCORERS)}, not '{s}'")
-        return v
-
     @model_validator(mode="after")
-    def _consistent(self) -> "AppConfig":
+    def _consistent(self):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
@@ -182,11 +129,25 @@ class AppConfig(BaseModel):
     def default_token_set(self) -> str:
         return next(iter(self.tokens))
 
+    def scorer_settings(self) -> ScorerSettings:
+        """The scorer settings (what Classifier.from_settings takes)."""
+        return part(ScorerSettings, self)
+
     def check_paths(self) -> dict[str, list[str]]:
         """Read each token set's classes.json (cheap, no model): its labels, or a UserError."""
         from mcti.core.store import read_meta
 
         return {key: list(read_meta(path)["classes"]) for key, path in self.tokens.items()}
+
+
+_FIELDS = _fields(ServeSettings)
+_FIELDS["tokens"] = (dict[str, str], Field(..., description=_FIELDS["tokens"][1].description))
+AppConfig = create_model(
+    "AppConfig",
+    __base__=_AppConfigChecks,
+    __doc__="Everything the ingress and the classifier deployment need; defaults suit one CPU box.",
+    **_FIELDS,
+)
 
 
 def load_config(args: dict | AppConfig) -> AppConfig:

@@ -2,7 +2,7 @@
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.config import SCORERS
+from mcti.settings import SCORERS, Scorer
 
 
 class ClassifyParams(BaseModel):
@@ -13,7 +13,7 @@ class ClassifyParams(BaseModel):
     top_k: int | None = Field(
         None, ge=1, le=10_000, description="Labels returned (default: server's top_k)."
     )
-    scorer: str | None = Field(
+    scorer: Scorer | None = Field(
         None, description=f"One of {', '.join(SCORERS)} that the server enables."
     )
     token_set: str | None = Field(
@@ -35,7 +35,7 @@ class ClassifyResponse(BaseModel):
         "null where the hybrid prefilter never scored the class."
     )
     token_set: str
-    scorer: str
+    scorer: Scorer
     batch_size: int = Field(description="Requests scored in the same batch as this one.")
     timings_ms: dict[str, float] = Field(
         description="parse (body), decode (image), queue (waiting for a batch), score (scorer call "

@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcti.cli.args import add_dataclass_args
 from mcti.errors import UserError
+from mcti.flags import SettingsParser, add_dataclass_args
 from mcti.settings import TrainArgs
 from mcti.train.outdir import refuse_unless_resume
 from training import ds_config
@@ -42,13 +42,16 @@ class DistTrainArgs(TrainArgs):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SettingsParser(
         prog="python -m training",
         description="Data-parallel MC-TI training with DeepSpeed (start it with torchrun or deepspeed).",
     )
     add_dataclass_args(parser, DistTrainArgs)
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--verbose", action="store_true", help="Show third-party progress bars and warnings."
+    )
     return parser
 
 

@@ -15,8 +15,9 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from mcti.cli.args import to_dataclass
 from mcti.errors import UserError
+from mcti.flags import to_dataclass
+from mcti.runtime import setup_process
 from mcti.settings import TrainArgs
 from mcti.train.outdir import out_dir_is_free
 from training.cli import DistTrainArgs, build_parser, preflight, world_size_from_env
@@ -74,8 +75,9 @@ def launch_local(args: TrainArgs) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = to_dataclass(DistTrainArgs, build_parser().parse_args(argv))
+    ns = build_parser().parse_args(argv)
+    setup_process(verbose=ns.verbose)
+    args = to_dataclass(DistTrainArgs, ns)
     rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
     try:
         if "WORLD_SIZE" not in os.environ and args.nproc > 1:  # no launcher around us: be one

@@ -11,62 +11,13 @@
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from mcti.errors import UserError
+from mcti.settings import DemoArgs, ObjectiveSettings, ScoreArgs, TrainArgs, part
 
-
-@dataclass
-class DemoArgs:
-    out: str = "mcti-demo"
-    """Output folder (data/, tokens/, confusion.png, samples.png, summary.json)."""
-    model: str = "embedded"
-    """Base model: 'embedded' (shipped), 'tiny-random' or a diffusers directory."""
-    dataset: str = "animal-mnist"
-    """Offline dataset: animal-mnist, fashion-mnist or digits (see mcti/data/offline.py)."""
-    shots: int = 5
-    """Training images per class."""
-    eval_per_class: int = 20
-    """Held-out evaluation images per class."""
-    method: str = "mcti"
-    """mcti or ti (plain textual inversion)."""
-    reg: str = "clip"
-    """Discriminative term of mcti: clip (cheap; CLIP text-image CE) or denoise (per-class denoising errors; several UNet passes per image)."""
-    steps: int = 300
-    """Token training steps."""
-    batch_size: int = 8
-    """Images per training step."""
-    lr: float = 5e-3
-    """Token learning rate."""
-    negatives: int = 3
-    """Negative classes per image (denoise/clip term)."""
-    draws: int = 2
-    """(t, eps) draws per image for the denoise term."""
-    gamma: float = 0.05
-    """Weight of the discriminative term."""
-    n_samples: str = "4,8,16"
-    """Diffusion scorer: cumulative timesteps per elimination stage."""
-    to_keep: str = "3,2,1"
-    """Diffusion scorer: classes kept after each stage."""
-    samples_per_class: int = 4
-    """Generated images per class in samples.png."""
-    sample_steps: int = 15
-    """DDIM steps for the samples."""
-    guidance: float = 3.0
-    """Classifier-free guidance scale for the samples."""
-    seed: int = 0
-    """Seed of the shot pick, training and scoring."""
-    reference: bool = False
-    """Also score the test images zero-shot with the true class names (a reference the method never sees; doubles the scoring time)."""
-    threads: int = 1
-    """torch CPU threads (0: torch's default). 1 is fastest on a busy shared machine: with 2 threads under load the same run took several times the CPU time."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    quick: bool = False
-    """Smoke-test setting (seconds): 3 classes, few images and steps."""
-    force: bool = False
-    """Overwrite an existing output folder."""
+__all__ = ["DemoArgs", "pixel_baseline", "run", "true_name_baseline"]
 
 
 def _quick(a: DemoArgs) -> DemoArgs:
@@ -167,13 +118,10 @@ def run(a: DemoArgs) -> None:
     from mcti.data.folders import scan_folder
     from mcti.data.offline import held_out_sample, load_split, write_folder
     from mcti.eval.evaluate import eval_indices, evaluate, load_classifier, plot_confusion
-    from mcti.settings import ScoreArgs, TrainArgs
     from mcti.train.loop import train
 
     if a.quick:
         a = _quick(a)
-    if a.shots < 1 or a.eval_per_class < 1:
-        raise UserError("--shots and --eval-per-class must be >= 1")
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -206,21 +154,17 @@ def run(a: DemoArgs) -> None:
     )
     t = time.perf_counter()
     cfg = TrainArgs(
+        **asdict(part(ObjectiveSettings, a)),  # method, reg, negatives, draws, gamma, ...
         model=a.model,
         device=a.device,
         data=str(out / "data"),
         out=str(out / "tokens"),
-        method=a.method,
-        reg=a.reg,
         shots=a.shots,
         steps=a.steps,
         batch_size=a.batch_size,
         lr=a.lr,
         seed=a.seed,
-        negatives=a.negatives,
-        draws=a.draws,
-        gamma=a.gamma,
-        save_every=max(a.steps, 1),
+        save_every=a.steps,
     )
     p = train(cfg, bundle)
     times["train_s"] = time.perf_counter() - t

@@ -1,77 +1,34 @@
 """`mcti serve`: run the Serve application on this machine until Ctrl-C (or SIGTERM).
 
 Settings come from --config FILE (AppConfig keys, or a Serve config file such as
-serving/serve_config.yaml, whose application args are used), then from the flags below: a flag
-overrides the file when it is given a value other than its default. Imports stay light (ray and
-torch are imported inside `run`).
+serving/serve_config.yaml, whose application args are used), then from the flags: a flag given
+on the command line overrides the file, even when its value is the default. Every AppConfig key
+is a flag (mcti.settings.ServeSettings). Imports stay light (ray and torch are imported inside
+`run`).
 """
 
 import dataclasses
 import os
 import socket
-from dataclasses import dataclass
 
 from mcti.errors import UserError
-from mcti.settings import DEFAULT_MODEL
+from mcti.settings import ServeArgs, ServeSettings
 
-
-@dataclass
-class ServeArgs:
-    tokens: str = ""
-    """Token directory written by `mcti train`, or several as ID=DIR,ID=DIR (the first is the default set)."""
-    model: str = DEFAULT_MODEL
-    """Base model the tokens were trained on: a diffusers directory, 'embedded' or 'tiny-random'."""
-    clip: str | None = None
-    """A transformers CLIPModel directory when the model has no clip/ folder (clip and hybrid scorers)."""
-    device: str = "auto"
-    """auto (CUDA if available), cpu, cuda or cuda:N."""
-    precision: str = "fp32"
-    """fp32, bf16 or fp16 for the UNet/VAE (bf16/fp16 need CUDA)."""
-    attention: str = "auto"
-    """UNet attention: auto, sdpa or xformers."""
-    host: str = "127.0.0.1"
-    """Address to listen on (0.0.0.0 to accept other machines)."""
-    port: int = 8000
-    """HTTP port."""
-    config: str | None = None
-    """YAML file with serving settings (keys of serving.config.AppConfig, or a Serve config file)."""
-    scorer: str = "diffusion"
-    """Default scorer: diffusion, clip or hybrid (requests may pick another enabled one)."""
-    n_samples: str = "8,16,32"
-    """Diffusion scorer: cumulative (t, eps) samples per stage, comma-separated."""
-    to_keep: str = "5,2,1"
-    """Diffusion scorer: classes kept after each stage (last must be 1)."""
-    max_batch_size: int = 8
-    """Concurrent requests scored in one scorer call."""
-    batch_wait_timeout_s: float = 0.0
-    """How long a request waits for others to batch with (requests that arrive while the model is busy join its next batch anyway)."""
-    replicas: int = 1
-    """Classifier replicas (each loads the model once)."""
-    num_gpus: float = 0
-    """GPUs per classifier replica."""
-    no_generate: bool = False
-    """Disable POST /v1/generate."""
-    cpus: int = 0
-    """CPUs of the local Ray instance (0: all); the classifier replicas share them."""
-
-
-# ServeArgs field -> AppConfig key, where the names differ
-RENAMED = {"replicas": "num_replicas"}
-CLI_ONLY = {"host", "port", "config", "cpus", "no_generate"}
+__all__ = ["ServeArgs", "app_settings", "run"]
 
 
 def app_settings(a: ServeArgs) -> dict:
-    """The config file's settings, overridden by every flag given a non-default value."""
+    """The config file's settings, overridden by the settings given on the command line
+    (`a.given`; for a ServeArgs built in Python: every value other than the default)."""
     from serving.config import read_config_file
 
     settings = read_config_file(a.config) if a.config else {}
-    defaults = ServeArgs()
-    for f in dataclasses.fields(ServeArgs):
-        value = getattr(a, f.name)
-        if f.name not in CLI_ONLY and value != getattr(defaults, f.name):
-            settings[RENAMED.get(f.name, f.name)] = value
-    if a.no_generate:
-        settings["enable_generate"] = False
+    names = [f.name for f in dataclasses.fields(ServeSettings)]
+    if a.given is not None:
+        settings.update({n: getattr(a, n) for n in names if n in a.given})
+    else:
+        defaults = ServeArgs()
+        settings.update({n: getattr(a, n) for n in names if getattr(a, n) != getattr(defaults, n)})
     return settings
 
 

@@ -11,28 +11,11 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from mcti.errors import UserError
-
-
-@dataclass
-class SynthArgs:
-    out: str = ""
-    """Output folder (train/, test/, synth.json); refused if it exists and is not empty, unless --force."""
-    classes: int = 100
-    """Number of classes K (at most mcti.data.synth.MAX_CLASSES = 2240)."""
-    per_class: int = 25
-    """Images per class, train and test together."""
-    train_per_class: int = 5
-    """Images per class in train/ (the shots); the other per-class images go to test/."""
-    seed: int = 0
-    """Seed: which K glyph/colour designs, in which order, and every image's jitter. Same seed and settings, same bytes."""
-    size: int = 32
-    """Image side in pixels (the embedded model resizes to its 16x16 input)."""
-    force: bool = False
-    """Replace an existing non-empty --out folder."""
+from mcti.settings import SynthArgs
 
 
 def check(a: SynthArgs) -> None:

@@ -11,31 +11,15 @@ Randomness is drawn for the *global* batch by `sample_draws`, so data-parallel r
 slices of it (`shard_draws`) compute exactly what one process would.
 """
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from mcti.core.diffusion import noised, row_errors
 from mcti.core.model import ModelBundle
 from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
+from mcti.settings import ObjectiveSettings  # the schema's group: method, reg, tau, ...
 
-
-@dataclass
-class ObjectiveSettings:
-    method: str = "mcti"  # mcti | ti
-    reg: str = "denoise"  # denoise | clip
-    negatives: int = 4
-    draws: int = 4
-    tau: float = 0.002
-    alpha: float = 1.0
-    gamma: float = 0.1
-    standardize: bool = False
-    std_floor: float = 0.01
-    disc_t_min: float = 0.05
-    disc_t_max: float = 0.6
-    prototype: bool = False
-    flip: float = 0.5
+__all__ = ["Objective", "ObjectiveSettings", "sample_draws", "sample_negatives", "shard_draws"]
 
 
 def sample_negatives(

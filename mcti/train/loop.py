@@ -20,36 +20,17 @@ from mcti.core.tokens import TokenSet, TokenTable
 from mcti.data.coop import open_dataset, pick_shots
 from mcti.data.folders import ImageFolder, load_shots
 from mcti.errors import UserError
-from mcti.settings import TrainArgs
+from mcti.settings import TrainArgs, check_settings, part
 from mcti.train.checkpoint import Checkpoint
 from mcti.train.outdir import lock_out_dir, refuse_unless_resume
 from mcti.train.runlog import RunLog
 
 
 def settings_of(cfg: TrainArgs) -> ObjectiveSettings:
-    if cfg.method not in ("mcti", "ti"):
-        raise UserError(f"--method must be mcti or ti, not '{cfg.method}'")
-    if cfg.reg not in ("denoise", "clip"):
-        raise UserError(f"--reg must be denoise or clip, not '{cfg.reg}'")
-    if not 0 <= cfg.disc_t_min < cfg.disc_t_max <= 1:
-        raise UserError("need 0 <= --disc-t-min < --disc-t-max <= 1")
-    for name in ("steps", "batch_size", "draws", "n_vectors", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    return ObjectiveSettings(
-        method=cfg.method,
-        reg=cfg.reg,
-        negatives=cfg.negatives,
-        draws=cfg.draws,
-        tau=cfg.tau,
-        alpha=cfg.alpha,
-        gamma=cfg.gamma,
-        standardize=cfg.standardize,
-        disc_t_min=cfg.disc_t_min,
-        disc_t_max=cfg.disc_t_max,
-        prototype=cfg.prototype,
-        flip=cfg.flip,
-    )
+    """The objective's settings of a run; the whole run is checked again here, since fields may
+    have been set after the object was built."""
+    check_settings(cfg)
+    return part(ObjectiveSettings, cfg)
 
 
 @dataclass

@@ -132,8 +132,8 @@ def test_training_job_runs_torchrun_across_pods():
 def test_training_arguments_parse_with_the_training_cli(tmp_path):
     from torch.distributed.run import get_args_parser
 
-    from mcti.cli.args import to_dataclass
     from mcti.errors import UserError
+    from mcti.flags import to_dataclass
     from training.cli import DistTrainArgs, build_parser, preflight
 
     job = one("Job")

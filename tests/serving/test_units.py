@@ -159,7 +159,13 @@ def test_cli_settings_flags_override_the_file(tmp_path):
     s = app_settings(ServeArgs(tokens="/t/b", config=str(cfg)))
     assert s["tokens"] == "/t/b" and s["max_batch_size"] == 4 and s["scorer"] == "clip"
     s = app_settings(
-        ServeArgs(tokens="/t/b", config=str(cfg), max_batch_size=2, replicas=3, no_generate=True)
+        ServeArgs(
+            tokens="/t/b",
+            config=str(cfg),
+            max_batch_size=2,
+            num_replicas=3,  # the flag --replicas
+            enable_generate=False,  # the flag --no-generate
+        )
     )
     assert s["max_batch_size"] == 2 and s["num_replicas"] == 3 and s["enable_generate"] is False
     assert "host" not in s and "port" not in s and "config" not in s
@@ -168,6 +174,67 @@ def test_cli_settings_flags_override_the_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(UserError, match="mapping"):
         app_settings(ServeArgs(tokens="/t", config=str(tmp_path / "list.yaml")))
+
+
+def test_a_flag_given_on_the_command_line_beats_the_file_even_at_its_default(tmp_path):
+    """`--scorer diffusion` is the default value, yet given explicitly it overrides the file's
+    `scorer: clip`; flags not given leave the file's values alone."""
+    from mcti.cli import build_parser
+    from mcti.flags import to_dataclass
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tokens: {a: /t/a}\nscorer: clip\nmax_batch_size: 4\nnum_replicas: 2\n")
+
+    def settings(*flags: str) -> dict:
+        ns = build_parser().parse_args(["serve", "--tokens", "/t/b", "--config", str(cfg), *flags])
+        return app_settings(to_dataclass(ServeArgs, ns))
+
+    s = settings()
+    assert (s["scorer"], s["max_batch_size"], s["num_replicas"]) == ("clip", 4, 2)
+    assert s["tokens"] == "/t/b" and "host" not in s and "config" not in s
+    s = settings("--scorer", "diffusion", "--max-batch-size", "8", "--replicas", "1")
+    assert (s["scorer"], s["max_batch_size"], s["num_replicas"]) == ("diffusion", 8, 1)
+    assert load_config(s).scorer == "diffusion"
+    s = settings("--no-generate", "--template", "a drawing of {}")
+    assert s["enable_generate"] is False and s["template"] == "a drawing of {}"
+    assert s["scorer"] == "clip"
+
+
+def test_app_config_is_built_from_the_settings_schema():
+    """Every ServeSettings field is an AppConfig key with the same default and description,
+    and every AppConfig key is a `mcti serve` flag."""
+    import dataclasses
+
+    from mcti.cli import build_parser
+    from mcti.settings import ServeSettings, field_docs
+
+    docs = field_docs(ServeSettings)
+    fields = {f.name: f for f in dataclasses.fields(ServeSettings)}
+    assert set(AppConfig.model_fields) == set(fields)
+    for name, info in AppConfig.model_fields.items():
+        assert info.description == docs[name], name
+        if name != "tokens":  # required here, a mapping or a string
+            assert info.default == fields[name].default, name
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    assert set(AppConfig.model_fields) <= {a.dest for a in serve._actions}
+
+
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("template", "a photo", "exactly one {}"),
+        ("template", "a {x}", "exactly one {}"),
+        ("template", "{} and {}", "exactly one {}"),
+        ("n_samples", "8,x", "comma-separated"),
+        ("precision", "fp8", "precision"),
+        ("scorers", ["clip", "knn"], "scorers.1"),
+        ("hybrid_m", 0, "hybrid_m"),
+    ],
+)
+def test_config_refuses_what_the_cli_refuses(key, value, words):
+    with pytest.raises(UserError) as e:
+        load_config({"tokens": "/t", key: value})
+    assert words in str(e.value) and key in str(e.value)
 
 
 def test_mcti_serve_refuses_bad_settings_before_starting_ray(tmp_path, capsys, tiny_bundle):

@@ -1,17 +1,13 @@
 """DeepSpeed config checks, the argument parser, and fail-fast settings (no process is started)."""
 
-import argparse
 import importlib.util
 import json
-from dataclasses import fields
 
 import pytest
 
 from mcti.errors import UserError
-from mcti.settings import TrainArgs
 from training import ds_config
-from training.cli import DistTrainArgs, build_parser, preflight
-from training.launch import flags_of, torchrun_command
+from training.cli import DistTrainArgs, preflight
 
 SHIPPED = sorted(p.stem for p in ds_config.CONFIG_DIR.glob("*.json"))
 
@@ -127,50 +123,6 @@ def test_an_existing_checkpoint_needs_resume(tmp_path):
     (tmp_path / "checkpoint" / "state.json").write_text("{}")
     with pytest.raises(UserError, match="single-process"):
         preflight(DistTrainArgs(data=data, out=str(tmp_path), resume=True), 1)
-
-
-def test_parser_takes_every_train_flag_and_the_launchers_local_rank():
-    parser = build_parser()
-    assert isinstance(parser, argparse.ArgumentParser)
-    dests = {a.dest for a in parser._actions}
-    assert {f.name for f in fields(TrainArgs)} <= dests
-    assert {"deepspeed_config", "grad_accum", "hard_negatives", "timeout_s", "tensorboard"} <= dests
-    ns = parser.parse_args(
-        [
-            "--data",
-            "d",
-            "--out",
-            "o",
-            "--deepspeed-config",
-            "zero2_fp32",
-            "--hard-negatives",
-            "--batch-size",
-            "32",
-            "--local_rank=1",
-        ]  # fmt: skip
-    )
-    assert (ns.deepspeed_config, ns.hard_negatives, ns.batch_size, ns.local_rank) == (
-        "zero2_fp32",
-        True,
-        32,
-        1,
-    )
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--out", "o"])  # --data is required
-
-
-def test_launch_flags_reproduce_the_arguments():
-    from mcti.cli.args import to_dataclass
-
-    args = DistTrainArgs(
-        data="d", out="o", nproc=2, lr=1e-3, hard_negatives=True, deepspeed_config="zero1_fp32",
-        grad_accum=2, timeout_s=30.0, clip=None,
-    )  # fmt: skip
-    back = to_dataclass(DistTrainArgs, build_parser().parse_args(flags_of(args)))
-    assert back == DistTrainArgs(**{**args.__dict__, "nproc": 1})  # the children are ranks
-    cmd = torchrun_command(args, 2)
-    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    assert cmd[5:7] == ["-m", "training"] and "--nproc" not in cmd
 
 
 def test_mcti_train_with_a_bad_batch_split_fails_before_starting_processes(

@@ -40,10 +40,11 @@ def trained(tmp_path_factory):
 
 
 def run_err(capsys, argv) -> str:
+    """The one error line of a refused command (exit 2), `mcti <cmd>: error: ...`."""
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) >= 1 and "error:" in err[-1] and "Traceback" not in "".join(err)
-    return err[-1]
+    assert len(err) == 1 and err[0].startswith(f"mcti {argv[0]}: error: "), err
+    return err[0]
 
 
 def test_train_writes_tokens_and_metadata(trained):
@@ -169,131 +170,115 @@ def test_generate_png_grid(trained, tmp_path):
     assert im.size == (2 * 128, 2 * 128)  # 2x2 tiles of 32 px upscaled to 128
 
 
-def test_user_mistakes_are_one_line_errors(trained, capsys, tmp_path):
-    data, tok = trained
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    one = make_image_folder(tmp_path / "one", n_classes=1, per_class=2)
-    notmodel = tmp_path / "notmodel"
-    notmodel.mkdir()
-    cases = {
-        "does not exist": [
-            "train",
-            "--data",
-            str(tmp_path / "nope"),
-            "--out",
-            str(tmp_path / "o1"),
-            *TRAIN,
-        ],
-        "is empty": ["train", "--data", str(empty), "--out", str(tmp_path / "o2"), *TRAIN],
-        "need at least 2": ["train", "--data", str(one), "--out", str(tmp_path / "o3"), *TRAIN],
+def _mistakes(data: Path, tok: Path, tmp: Path) -> dict[str, list[str]]:
+    """Expected words of the error line (TMP stands for `tmp`) -> argv. Every run that could
+    write names tmp/out or tmp/out.png, which must not exist afterwards. The folders named here
+    are made by `_make_paths`."""
+    empty, one, notmodel, a_file = tmp / "empty", tmp / "one", tmp / "notmodel", tmp / "a-file"
+    image = str(data / "sku-0000" / "img0.png")
+    out, png = ["--out", str(tmp / "out")], ["--out", str(tmp / "out.png")]
+    scorer = ["--tokens", str(tok), "--device", "cpu", "--n-samples", "2,4", "--to-keep", "2,1"]
+    return {
+        "does not exist": ["train", "--data", str(tmp / "nope"), *out, *TRAIN],
+        "is empty": ["train", "--data", str(empty), *out, *TRAIN],
+        "need at least 2": ["train", "--data", str(one), *out, *TRAIN],
         "not a diffusers model directory": [
-            "train",
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "o4"),
-            *TRAIN,
-            "--model",  # after TRAIN's --model: the last one wins
-            str(notmodel),
+            "train", "--data", str(data), *out, *TRAIN,
+            "--model", str(notmodel),  # after TRAIN's --model: the last one wins
         ],
         "not a directory": [
-            "eval",
-            "--model",
-            str(tmp_path / "missing-model"),
-            "--tokens",
-            str(tok),
-            "--data",
-            str(data),
+            "eval", "--model", str(tmp / "missing-model"), "--tokens", str(tok), "--data", str(data),
         ],
         "not in the token set": [
-            "generate",
-            "--tokens",
-            str(tok),
-            "--label",
-            "sku-9999",
-            "--out",
-            str(tmp_path / "g.png"),
-            "--device",
-            "cpu",
+            "generate", "--tokens", str(tok), "--label", "sku-9999", *png, "--device", "cpu",
         ],
-        "not a token directory": [
-            "classify",
-            "--tokens",
-            str(tmp_path),
-            str(data / "sku-0000" / "img0.png"),
-            "--device",
-            "cpu",
-        ],
-        "no such image": [
-            "classify",
-            "--tokens",
-            str(tok),
-            str(tmp_path / "nope.png"),
-            "--device",
-            "cpu",
-        ],
-        "--to-keep must": [
-            "classify",
-            "--tokens",
-            str(tok),
-            str(data / "sku-0000" / "img0.png"),
-            "--to-keep",
-            "2,2",
-            "--n-samples",
-            "2,4",
-            "--device",
-            "cpu",
-        ],
+        "not a token directory": ["classify", "--tokens", str(tmp), image, "--device", "cpu"],
+        "no such image": ["classify", "--tokens", str(tok), str(tmp / "nope.png"), "--device", "cpu"],
+        "--to-keep must": ["classify", *scorer, image, "--to-keep", "2,2"],
         "needs a CUDA device": [
-            "train",
-            "--precision",
-            "bf16",
-            "--device",
-            "cpu",
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "o5"),
+            "train", "--precision", "bf16", "--device", "cpu", "--data", str(data), *out,
             *TRAIN[:-4],
         ],
         "already holds a checkpoint": ["train", "--data", str(data), "--out", str(tok), *TRAIN],
         "--attention xformers cannot run here": [
-            "eval",
-            "--attention",
-            "xformers",
-            "--device",
-            "cpu",
-            "--tokens",
-            str(tok),
-            "--data",
-            str(data),
+            "eval", "--attention", "xformers", "--device", "cpu", "--tokens", str(tok),
+            "--data", str(data),
         ],
-        "--method must be": [
-            "train",
-            "--method",
-            "dreambooth",
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "o6"),
-            *TRAIN,
+        # choices, bounds and templates: refused while parsing, before any model loads
+        "--method must be one of mcti, ti (not 'dreambooth')": [
+            "train", "--method", "dreambooth", "--data", str(data), *out, *TRAIN,
+            "--model", str(notmodel),
         ],
-        "--scorer must be": [
-            "classify",
-            "--scorer",
-            "knn",
-            "--tokens",
-            str(tok),
-            str(data / "sku-0000" / "img0.png"),
-            "--device",
-            "cpu",
+        "--scorer must be one of diffusion, clip, hybrid (not 'knn')": [
+            "classify", "--scorer", "knn", *scorer, image, "--model", str(notmodel),
         ],
-    }
-    for expected, argv in cases.items():
-        line = run_err(capsys, argv)
-        assert expected in line, (expected, line)
-    assert not (tmp_path / "o4").exists() and not (tmp_path / "g.png").exists()
+        "--precision must be one of fp32, bf16, fp16": [
+            "eval", "--precision", "fp8", *scorer, "--data", str(data),
+        ],
+        "--shots must be >= 1 (not '0')": [
+            "train", "--data", str(data), *out, *TRAIN, "--shots", "0",
+        ],
+        "--disc-t-max must be <= 1": [
+            "train", "--data", str(data), *out, *TRAIN, "--disc-t-max", "1.5",
+        ],
+        "--n-samples must be comma-separated positive integers": [
+            "eval", *scorer, "--data", str(data), "--n-samples", "8,x",
+        ],
+        "--steps must be an integer (not 'many')": [
+            "generate", "--tokens", str(tok), "--label", "sku-0000", *png, "--steps", "many",
+        ],
+        "the following arguments are required: --out": [
+            "generate", "--tokens", str(tok), "--label", "sku-0000",
+        ],
+        "--template must contain exactly one {}, where the class token goes (not 'a photo')": [
+            "eval", *scorer, "--data", str(data), "--template", "a photo",
+        ],
+        "--template must contain exactly one {}, where the class token goes (not 'a {x}')": [
+            "classify", *scorer, image, "--template", "a {x}",
+        ],
+        "--prompt must contain exactly one {}, where the class token goes (not '{} and {}')": [
+            "generate", "--tokens", str(tok), "--label", "sku-0000", *png, "--prompt", "{} and {}",
+        ],
+        # output paths: checked before the model loads (notmodel would fail otherwise)
+        "--out 'TMP/a-file' is a file, not a directory": [
+            "train", "--data", str(data), "--out", str(a_file), *TRAIN, "--model", str(notmodel),
+        ],
+        "--out 'TMP/a-file/sub': 'TMP/a-file' is a file, not a directory": [
+            "train", "--data", str(data), "--out", str(a_file / "sub"), *TRAIN,
+            "--model", str(notmodel),
+        ],
+        "--out 'TMP' is a directory; give a file name": [
+            "generate", "--tokens", str(tok), "--label", "sku-0000", "--out", str(tmp),
+            "--model", str(notmodel),
+        ],
+        "--plot '/proc/mcti/cm.png': cannot write in '/proc'": [
+            "eval", *scorer, "--data", str(data), "--plot", "/proc/mcti/cm.png",
+            "--model", str(notmodel),
+        ],
+        "--out '/proc/mcti-demo': cannot write in '/proc'": [
+            "demo", "--quick", "--out", "/proc/mcti-demo", "--model", str(notmodel),
+        ],
+    }  # fmt: skip
+
+
+def _make_paths(tmp: Path) -> None:
+    (tmp / "empty").mkdir()
+    make_image_folder(tmp / "one", n_classes=1, per_class=2)
+    (tmp / "notmodel").mkdir()  # any model load fails on this: errors named above come first
+    (tmp / "a-file").write_text("not a directory")
+
+
+MISTAKES = list(_mistakes(Path("d"), Path("t"), Path("TMP")))
+
+
+@pytest.mark.parametrize("case", range(len(MISTAKES)), ids=MISTAKES)
+def test_user_mistake_is_one_line_error(case, trained, capsys, tmp_path):
+    data, tok = trained
+    _make_paths(tmp_path)
+    expected, argv = list(_mistakes(data, tok, tmp_path).items())[case]
+    line = run_err(capsys, argv)
+    assert expected.replace("TMP", str(tmp_path)) in line, (expected, line)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.png").exists()
 
 
 def test_tokens_from_another_base_model_are_refused(trained, capsys, tmp_path):

@@ -1,4 +1,5 @@
-"""`mcti demo --quick`: the end-to-end path writes its files and an honest summary."""
+"""`mcti demo --quick`: the end-to-end path writes its files and an honest summary (its
+refusals of bad settings and output paths are in test_cli.py's one-line-error cases)."""
 
 import json
 from pathlib import Path
@@ -15,12 +16,6 @@ def _has_animal() -> bool:
         return True
     except ImportError:
         return False
-
-
-def test_demo_defaults_to_the_embedded_model():
-    from mcti.cli.demo import DemoArgs
-
-    assert DemoArgs().model == "embedded" and DemoArgs().shots == 5
 
 
 @pytest.mark.skipif(not _has_animal(), reason="animal-mnist not installed")
@@ -50,7 +45,29 @@ def test_quick_demo_writes_outputs_and_summary(tmp_path, capsys):
     assert abs(s["accuracy"] - sum(s["per_class"].values()) / 3) < 1e-9
     shots = set(classes_json["train_files"])
     assert len(shots) == 15 and len(list((out / "data").rglob("*.png"))) == 27
+    # the summary holds every figure the table shows, each a fraction, and how it was made
+    assert set(s) >= {
+        "dataset", "model", "classes", "novel_classes", "accuracy", "per_class",
+        "clip_accuracy", "pixels_logreg_accuracy", "true_names_zero_shot_accuracy",
+        "n_eval_images", "seen_accuracy", "novel_accuracy", "seconds", "settings", "files",
+    }  # fmt: skip
+    for key in ("clip_accuracy", "pixels_logreg_accuracy", "seen_accuracy", "novel_accuracy"):
+        assert 0.0 <= s[key] <= 1.0, key  # tiny-random has a CLIP tower: clip is scored too
+    assert s["true_names_zero_shot_accuracy"] is None  # only with --reference
+    assert (s["dataset"], s["model"]) == ("animal-mnist", "tiny-random")
+    assert s["novel_accuracy"] == s["per_class"]["c01"]  # one novel class: its own accuracy
+    assert abs(s["seen_accuracy"] - (s["per_class"]["c00"] + s["per_class"]["c02"]) / 2) < 1e-9
+    times = s["seconds"]
+    assert set(times) == {"data_s", "train_s", "eval_s", "generate_s", "total_s"}
+    assert all(v >= 0 for v in times.values()) and times["total_s"] >= times["train_s"]
+    # --quick's settings were the ones used, and the tokens were trained with them
+    st = s["settings"]
+    assert (st["quick"], st["steps"], st["eval_per_class"], st["n_samples"]) == (True, 3, 4, "2,4")
+    assert classes_json["steps"] == 3 and classes_json["method"] == st["method"] == "mcti"
+    assert classes_json["settings"]["reg"] == st["reg"] == "clip"
+    assert classes_json["settings"]["gamma"] == st["gamma"] and st["negatives"] == 1
     printed = capsys.readouterr().out
     assert "summary.json" in printed and "diffusion scorer" in printed
     # a second run refuses to overwrite unless --force
     assert main(["demo", "--quick", "--model", "tiny-random", "--out", str(out)]) == 2
+    assert "pass --force" in capsys.readouterr().err

@@ -1,0 +1,41 @@
+"""`mcti classify`: the best labels of image files."""
+
+import json
+
+from mcti.errors import UserError
+from mcti.settings import ClassifyArgs
+
+
+def run(a: ClassifyArgs) -> None:
+    import torch
+
+    from mcti.data.images import load_image
+    from mcti.eval.evaluate import load_classifier, score_all
+
+    loaded = load_classifier(a)
+    pixels = []
+    for path in a.images:
+        try:
+            pixels.append(load_image(path, loaded.bundle.resolution))
+        except FileNotFoundError as e:
+            raise UserError(f"no such image file: {path}") from e
+        except Exception as e:
+            raise UserError(f"cannot read image '{path}': {e}") from e
+    s = score_all(loaded, torch.stack(pixels), a.batch_images, desc="classify", quiet=True)
+    idx, scores = s.topk(a.top_k)
+    results = [
+        {
+            "image": path,
+            "labels": [loaded.labels[j] for j in idx[i].tolist()],
+            "scores": [round(float(x), 6) for x in scores[i]],
+        }
+        for i, path in enumerate(a.images)
+    ]
+    if a.json:
+        print(json.dumps(results))
+        return
+    for r in results:
+        best = ", ".join(
+            f"{lab} ({sc:.4g})" for lab, sc in zip(r["labels"], r["scores"], strict=True)
+        )
+        print(f"{r['image']}: {best}")

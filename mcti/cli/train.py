@@ -1,0 +1,17 @@
+"""`mcti train`: learn one token per class (single process, or DeepSpeed with --nproc > 1)."""
+
+from mcti.settings import TrainArgs
+
+
+def run(a: TrainArgs) -> None:
+    if a.nproc > 1:  # one-machine shortcut for the DeepSpeed data-parallel trainer
+        from training.launch import launch_local
+
+        launch_local(a)
+        return
+    from mcti.train.loop import train
+
+    p = train(a)
+    print(
+        f"wrote {len(p.data.classes)} class tokens to {a.out}/learned_embeds.safetensors and {a.out}/classes.json"
+    )
