@@ -33,8 +33,6 @@ def check(a: SynthArgs) -> None:
     if not 8 <= a.size <= 1024:
         raise UserError(f"--size must be between 8 and 1024 pixels, not {a.size}")
     out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not a.force:
         raise UserError(f"'{out}' is not empty: pass --force to replace it or choose another --out")
 

@@ -83,7 +83,9 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, extra, words):
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
-    assert "not a folder" in run_err(capsys, ["synth", *SMALL, "--out", str(tmp_path / "f")])
+    assert "is a file, not a directory" in run_err(
+        capsys, ["synth", *SMALL, "--out", str(tmp_path / "f")]
+    )
 
 
 def test_console_script_help_and_exit_code(tmp_path):
