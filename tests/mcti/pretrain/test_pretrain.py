@@ -76,7 +76,7 @@ def test_true_name_classifier_equals_tokens_set_to_the_name_embeddings(tiny_bund
     the same conditioning, hence the same scores, as prompting with the names."""
     from mcti.core.scoring import Classifier
     from mcti.core.tokens import TokenSet, TokenTable
-    from mcti.pretrain import true_name_classifier
+    from mcti.eval.baselines import true_name_classifier
 
     names = ["cat", "dog", "car"]
     ids = [tiny_bundle.tokenizer(n, add_special_tokens=False).input_ids for n in names]
@@ -122,7 +122,8 @@ def test_quick_pretrain_writes_a_loadable_model(tmp_path):
 
 
 def test_pretraining_concepts_exclude_novel_classes():
-    from mcti.pretrain import PretrainArgs, build_corpus
+    from mcti.pretrain.corpus import build_corpus
+    from mcti.settings import PretrainArgs
 
     datasets = [d for d in _available() if d != "fashion-mnist"]  # fashion: 48k images, slow
     corpus, splits = build_corpus(PretrainArgs(out="x", datasets=",".join(datasets)), 2)
