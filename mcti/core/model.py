@@ -192,7 +192,10 @@ def load_model(
     if clip_path is not None:
         if not (Path(clip_path) / "config.json").is_file():
             raise UserError(f"--clip {clip_path}: not a transformers CLIPModel directory")
-        parts["clip"] = CLIPModel.from_pretrained(clip_path, **LOCAL)
+        try:
+            parts["clip"] = CLIPModel.from_pretrained(clip_path, **LOCAL)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"cannot load --clip {clip_path}: {str(e).splitlines()[0]}") from e
     if parts["clip"] is not None:
         _check_clip_matches(parts["clip"], parts["text_encoder"])
 
@@ -255,7 +258,8 @@ def _load_dir(root: Path, AutoencoderKL, DDPMScheduler, UNet, CLIPModel, CLIPTex
                 else None
             ),
         )
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # unreadable, corrupt, or weights that
+        # do not fit their config (JSONDecodeError is a ValueError)
         raise UserError(f"cannot load model '{root}': {str(e).splitlines()[0]}") from e
 
 

@@ -1,7 +1,8 @@
 """A small byte-level BPE CLIP tokenizer built from a word list (no vocabulary download).
 
-Every byte is a token, so any text tokenizes; each listed word is one whole token (its merges
-are added left to right). `mcti pretrain` builds the embedded model's tokenizer here from its
+Every byte is a token, so any text tokenizes; each listed word gets the merges that make it one
+token, in list order (BPE applies earlier merges first, so a word whose letters an earlier
+word's merge joins differently, e.g. "clean" after "an", stays two tokens). `mcti pretrain` builds the embedded model's tokenizer here from its
 caption words, and `tiny-random` builds its own from `BASE_WORDS`.
 """
 
