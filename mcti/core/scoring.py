@@ -307,9 +307,10 @@ class Classifier:
         seed: int,
     ) -> None:
         self.bundle, self.kind, self.hybrid_m = bundle, scorer, hybrid_m
-        self.K = len(cond) if cond is not None else len(text)
-        self.clip = ClipScorer.from_text_features(bundle, text) if text is not None else None
-        self.diffusion = None
+        self.K = len(cond) if scorer != "clip" else len(text)
+        self.clip = self.diffusion = None
+        if scorer != "diffusion":
+            self.clip = ClipScorer.from_text_features(bundle, text)
         if scorer != "clip":
             # hybrid: diffusion ranks only the clip prefilter's top m, so keep at most m
             m = min(hybrid_m, self.K) if scorer == "hybrid" else self.K
