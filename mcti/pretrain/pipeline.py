@@ -77,6 +77,11 @@ def evaluate_point(a: PretrainArgs, run: RunRecord, parts, den, text_encoder, sp
         save_model_dir(parts, den.ema, text_encoder, snapshot, run.info(den.step))
 
 
+def checkpoint_state(clip, den: Denoiser, run: RunRecord) -> dict:
+    """Everything --resume needs (`mcti.pretrain.checkpoint.KEYS`)."""
+    return {"clip": clip.state_dict(), **den.state_dict(), "timing": run.timing, "curve": run.curve}
+
+
 def pretrain(a: PretrainArgs) -> None:
     a = checked(a)
     if a.threads:
@@ -123,13 +128,9 @@ def pretrain(a: PretrainArgs) -> None:
     if state is not None:
         den.load_state_dict(state)
 
-    def save() -> None:
-        record = {"timing": run.timing, "curve": run.curve}
-        save_checkpoint(ckpt, {"clip": clip.state_dict(), **den.state_dict(), **record})
-
-    def evaluate_and_save() -> None:
+    def evaluate_and_save() -> None:  # at every a.eval_every steps
         evaluate_point(a, run, parts, den, text_encoder, splits)
-        save()
+        save_checkpoint(ckpt, checkpoint_state(clip, den, run))
 
     if state is None and a.eval_every:
         evaluate_point(a, run, parts, den, text_encoder, splits)  # step 0: chance level
@@ -140,7 +141,7 @@ def pretrain(a: PretrainArgs) -> None:
     bar.close()
     if a.eval_every and (not run.curve or run.curve[-1]["step"] != den.step):
         evaluate_point(a, run, parts, den, text_encoder, splits)
-    save()
+    save_checkpoint(ckpt, checkpoint_state(clip, den, run))
 
     run.timing = {k: round(v, 1) for k, v in run.timing.items()}
     run.timing["total_s"] = round(time.perf_counter() - t_start, 1)
