@@ -169,8 +169,7 @@ def load_model(
     clip_path: str | None = None,
 ) -> ModelBundle:
     """Load a model by spec: `tiny-random`, `embedded`, or a diffusers model directory."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPModel
 
     dev = resolve_device(device)
     if precision not in DTYPES:
@@ -184,11 +183,7 @@ def load_model(
 
         parts = build_tiny_random()
     else:
-        root = Path(embedded_model_dir() if spec == "embedded" else spec)
-        parts = _load_dir(
-            root, AutoencoderKL, DDPMScheduler, UNet2DConditionModel, CLIPModel, CLIPTextModel
-        )
-        parts["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer", **LOCAL)
+        parts = _load_dir(Path(embedded_model_dir() if spec == "embedded" else spec))
     if clip_path is not None:
         if not (Path(clip_path) / "config.json").is_file():
             raise UserError(f"--clip {clip_path}: not a transformers CLIPModel directory")
@@ -231,7 +226,11 @@ def embedded_model_dir() -> Path:
     return path
 
 
-def _load_dir(root: Path, AutoencoderKL, DDPMScheduler, UNet, CLIPModel, CLIPTextModel) -> dict:
+def _load_dir(root: Path) -> dict:
+    """The parts of a diffusers model directory (+ clip/), or a one-line UserError."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
     if not root.is_dir():
         raise UserError(f"model '{root}' is not a directory (nor tiny-random / embedded)")
     missing = [
@@ -248,8 +247,9 @@ def _load_dir(root: Path, AutoencoderKL, DDPMScheduler, UNet, CLIPModel, CLIPTex
         sched_cfg = DDPMScheduler.load_config(root / "scheduler", **LOCAL)
         has_vae = (root / "vae").is_dir() and index.get("vae", [None])[0] is not None
         return dict(
+            tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", **LOCAL),
             text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", **LOCAL),
-            unet=UNet.from_pretrained(root / "unet", **LOCAL),
+            unet=UNet2DConditionModel.from_pretrained(root / "unet", **LOCAL),
             vae=AutoencoderKL.from_pretrained(root / "vae", **LOCAL) if has_vae else None,
             scheduler=DDPMScheduler.from_config(sched_cfg),
             clip=(

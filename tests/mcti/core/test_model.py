@@ -106,6 +106,11 @@ def test_incomplete_or_corrupt_directories_are_refused(saved_tiny, tmp_path):
     (corrupt / "unet" / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot load model"):
         load_model(str(corrupt), device="cpu")
+    shutil.copy(saved_tiny / "unet" / "config.json", corrupt / "unet" / "config.json")
+    (corrupt / "tokenizer" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot load model") as e:
+        load_model(str(corrupt), device="cpu")
+    assert "\n" not in str(e.value)
 
 
 def test_a_clip_of_another_width_is_refused(tmp_path):
