@@ -29,6 +29,7 @@ from mcti.core.model import load_model
 from mcti.core.store import load_tokens
 from mcti.data.folders import scan_folder
 from mcti.data.offline import load_split
+from mcti.eval.baselines import clip_feature_baselines, predict, true_name_classifier
 from mcti.eval.evaluate import evaluate, load_classifier
 from mcti.settings import EvalArgs, TrainArgs
 from mcti.train.loop import train
@@ -86,25 +87,12 @@ def load_folder_pixels(folder: Path, size: int):
 
 
 def baselines(bundle, task_dir: Path, names: list[str], seen: bool, args) -> dict:
-    from sklearn.linear_model import LogisticRegression
-
-    from mcti.pretrain import true_name_classifier
-
     xtr, ytr = load_folder_pixels(task_dir / "train", bundle.resolution)
     xte, yte = load_folder_pixels(task_dir / "test", bundle.resolution)
     out = {}
     if bundle.clip is not None:
-        ftr, fte = bundle.clip_image_features(xtr).cpu(), bundle.clip_image_features(xte).cpu()
-        probe = LogisticRegression(max_iter=2000, C=10.0).fit(ftr.numpy(), ytr.numpy())
-        out["linear probe (CLIP image features)"] = (
-            torch.from_numpy(probe.predict(fte.numpy())) == yte
-        ).tolist()
-        means = torch.nn.functional.normalize(
-            torch.stack([ftr[ytr == k].mean(0) for k in range(len(names))]), dim=-1
-        )
-        out["nearest class mean (CLIP image features)"] = (
-            (fte @ means.T).argmax(1) == yte
-        ).tolist()
+        for name, pred in clip_feature_baselines(bundle, xtr, ytr, xte, len(names)).items():
+            out[name] = (pred == yte).tolist()
     if seen:
         for scorer in ("diffusion", "clip") if bundle.clip is not None else ("diffusion",):
             kw = (
@@ -117,10 +105,7 @@ def baselines(bundle, task_dir: Path, names: list[str], seen: bool, args) -> dic
                     seed=0,
                 )
             )
-            clf = true_name_classifier(bundle, names, scorer, **kw)
-            pred = torch.cat(
-                [clf.score(xte[i : i + 16]).ranking()[:, 0] for i in range(0, len(xte), 16)]
-            )
+            pred = predict(true_name_classifier(bundle, names, scorer, **kw), xte, 16)
             out[f"zero-shot true names ({scorer})"] = (pred == yte).tolist()
     return out
 

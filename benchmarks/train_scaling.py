@@ -138,7 +138,7 @@ def build_sd15_shaped(out: Path, resolution: int) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from mcti.core.model import save_model
-    from mcti.core.tiny import build_clip_tokenizer
+    from mcti.core.tokenizer import build_clip_tokenizer
     from mcti.core.tokens import TEMPLATES
 
     torch.manual_seed(0)

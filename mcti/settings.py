@@ -503,4 +503,58 @@ class SynthArgs(Settings):
     """Replace an existing non-empty --out folder."""
 
 
-# PretrainArgs (mcti pretrain) goes below.
+# --- pretraining (the embedded model's recipe) ---
+
+AtLeast2 = Annotated[int, Bounds(ge=2)]  # contrastive and balanced batches need two images
+
+
+@dataclass
+class PretrainArgs(Settings):
+    """`mcti pretrain`: the embedded model's recipe (mcti/pretrain/)."""
+
+    out: OutDir = ""
+    """Output model directory (diffusers format + clip/); also holds checkpoint/ and the log."""
+    steps: AtLeast1 = 3078
+    """Denoiser (UNet) training steps (3078: the shipped embedded model)."""
+    clip_steps: AtLeast0 = 1500
+    """Contrastive CLIP steps (stage 1)."""
+    minutes: NonNegative = 0.0
+    """Stop the denoiser stage after this many minutes of training (0: no limit); the model records the steps done, which `--steps` reproduces."""
+    batch_size: AtLeast2 = 32
+    """Denoiser batch size."""
+    clip_batch_size: AtLeast2 = 128
+    """CLIP batch size."""
+    lr: Positive = 5e-4
+    """Denoiser AdamW learning rate (constant after warm-up)."""
+    clip_lr: Positive = 1e-3
+    """CLIP AdamW learning rate (cosine decay)."""
+    ema: Fraction = 0.999
+    """EMA decay of the denoiser weights (the EMA weights are what is saved)."""
+    caption_dropout: Fraction = 0.1
+    """Fraction of denoiser steps' captions replaced by the empty prompt (for guidance)."""
+    generic_captions: Fraction = 0.05
+    """Fraction of captions that say the generic word ('a photo of a object') instead of the name."""
+    resolution: int = 16
+    """Image side in pixels (pixel-space model, no VAE)."""
+    channels: str = "32,64,96"
+    """UNet block channels, comma-separated (one CrossAttn block per entry)."""
+    datasets: str = "animal-mnist,fashion-mnist,digits"
+    """Offline datasets whose seen classes are the concepts (see mcti/data/offline.py)."""
+    seed: int = 0
+    """Seed of initialisation and every random draw."""
+    threads: AtLeast0 = 1
+    """torch CPU threads (0: torch's default)."""
+    device: str = "cpu"
+    """cpu, cuda or cuda:N."""
+    eval_every: AtLeast0 = 500
+    """Measure true-name accuracy on held-out seen-class images every N denoiser steps (0: never)."""
+    eval_images: AtLeast1 = 30
+    """Held-out images per dataset for the periodic accuracy (cheap 8-timestep diffusion scorer)."""
+    snapshots: bool = False
+    """Also keep the model of every evaluation point under OUT/snapshots/step-N."""
+    resume: bool = False
+    """Continue from OUT/checkpoint if present."""
+    quick: bool = False
+    """Tiny smoke-test setting (seconds): few steps, small data, tiny networks."""
+    quiet: bool = False
+    """No progress bars."""

@@ -51,7 +51,7 @@ def true_name_baseline(bundle, data, eval_idx, names: dict, a: DemoArgs) -> floa
     import torch
 
     from mcti.data.folders import load_images
-    from mcti.pretrain import true_name_classifier
+    from mcti.eval.baselines import true_name_classifier
 
     clf = true_name_classifier(
         bundle,

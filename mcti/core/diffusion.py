@@ -7,17 +7,26 @@ from kernels import denoise_errors
 from mcti.core.model import ModelBundle
 
 
+def add_noise(
+    scheduler, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0, eps (P, C, H, W), t (P,) -> x_t and the regression target (eps or v) of a DDPM
+    scheduler's noise schedule and prediction type."""
+    a = scheduler.alphas_cumprod.to(x0.device)[t.to(x0.device)].float().view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return x_t, eps
+    if prediction_type == "v_prediction":
+        return x_t, a.sqrt() * eps - (1 - a).sqrt() * x0
+    raise ValueError(f"unsupported prediction type {prediction_type!r}")
+
+
 def noised(
     bundle: ModelBundle, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x0, eps (P, C, H, W), t (P,) -> x_t and the regression target (eps or v)."""
-    a = bundle.scheduler.alphas_cumprod.to(x0.device)[t.to(x0.device)].float().view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    if bundle.prediction_type == "epsilon":
-        return x_t, eps
-    if bundle.prediction_type == "v_prediction":
-        return x_t, a.sqrt() * eps - (1 - a).sqrt() * x0
-    raise ValueError(f"unsupported prediction type {bundle.prediction_type!r}")
+    """`add_noise` with the bundle's scheduler."""
+    return add_noise(bundle.scheduler, x0, t, eps)
 
 
 def row_errors(

@@ -9,7 +9,6 @@ works in pixel space.
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,9 @@ from mcti.errors import UserError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Every from_pretrained reads local files only: nothing is downloaded, and no process-wide
+# setting (HF_HUB_OFFLINE) is changed behind the caller's back.
+LOCAL = {"local_files_only": True}
 
 
 @dataclass
@@ -78,14 +80,7 @@ class ModelBundle:
     @torch.no_grad()
     def clip_image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, P) L2-normalised CLIP image embeddings."""
-        clip = self.require_clip()
-        size = clip.config.vision_config.image_size
-        x = (pixels.to(self.device).float() + 1) / 2
-        x = nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-        mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-        pooled = clip.vision_model(pixel_values=(x - mean) / std).pooler_output
-        return nn.functional.normalize(clip.visual_projection(pooled), dim=-1)
+        return clip_image_embeddings(self.require_clip(), pixels.to(self.device))
 
     def require_clip(self) -> nn.Module:
         if self.clip is None:
@@ -94,6 +89,20 @@ class ModelBundle:
                 "transformers CLIPModel); pass --clip PATH or use --reg denoise / --scorer diffusion"
             )
         return self.clip
+
+
+def clip_image_embeddings(clip: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, P) L2-normalised embeddings of a transformers CLIPModel,
+    with CLIP's preprocessing (bicubic resize to its input size, its mean/std); differentiable,
+    so `mcti pretrain` trains the vision tower through the same code that scores with it."""
+    size = clip.config.vision_config.image_size
+    x = (pixels.float() + 1) / 2
+    if x.shape[-2:] != (size, size):  # resizing to the same size is the identity
+        x = nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    pooled = clip.vision_model(pixel_values=(x - mean) / std).pooler_output
+    return nn.functional.normalize(clip.visual_projection(pooled), dim=-1)
 
 
 def fingerprint_of(text_encoder: nn.Module, unet: nn.Module, tokenizer) -> str:
@@ -160,10 +169,8 @@ def load_model(
     clip_path: str | None = None,
 ) -> ModelBundle:
     """Load a model by spec: `tiny-random`, `embedded`, or a diffusers model directory."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPModel
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
     dev = resolve_device(device)
     if precision not in DTYPES:
         raise UserError(f"--precision must be one of {', '.join(DTYPES)}, not '{precision}'")
@@ -176,15 +183,14 @@ def load_model(
 
         parts = build_tiny_random()
     else:
-        root = Path(embedded_model_dir() if spec == "embedded" else spec)
-        parts = _load_dir(
-            root, AutoencoderKL, DDPMScheduler, UNet2DConditionModel, CLIPModel, CLIPTextModel
-        )
-        parts["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer")
+        parts = _load_dir(Path(embedded_model_dir() if spec == "embedded" else spec))
     if clip_path is not None:
         if not (Path(clip_path) / "config.json").is_file():
             raise UserError(f"--clip {clip_path}: not a transformers CLIPModel directory")
-        parts["clip"] = CLIPModel.from_pretrained(clip_path)
+        try:
+            parts["clip"] = CLIPModel.from_pretrained(clip_path, **LOCAL)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"cannot load --clip {clip_path}: {str(e).splitlines()[0]}") from e
     if parts["clip"] is not None:
         _check_clip_matches(parts["clip"], parts["text_encoder"])
 
@@ -214,13 +220,17 @@ def load_model(
 
 def embedded_model_dir() -> Path:
     """Where the model shipped with the package lives."""
-    path = Path(__file__).parent / "assets" / "embedded-model"
+    path = Path(__file__).parents[1] / "assets" / "embedded-model"
     if not (path / "model_index.json").is_file():
         raise UserError(f"the embedded model is missing at {path}; reinstall mcti")
     return path
 
 
-def _load_dir(root: Path, AutoencoderKL, DDPMScheduler, UNet, CLIPModel, CLIPTextModel) -> dict:
+def _load_dir(root: Path) -> dict:
+    """The parts of a diffusers model directory (+ clip/), or a one-line UserError."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
     if not root.is_dir():
         raise UserError(f"model '{root}' is not a directory (nor tiny-random / embedded)")
     missing = [
@@ -234,16 +244,22 @@ def _load_dir(root: Path, AutoencoderKL, DDPMScheduler, UNet, CLIPModel, CLIPTex
         )
     try:
         index = json.loads((root / "model_index.json").read_text())
-        sched_cfg = DDPMScheduler.load_config(root / "scheduler")
+        sched_cfg = DDPMScheduler.load_config(root / "scheduler", **LOCAL)
         has_vae = (root / "vae").is_dir() and index.get("vae", [None])[0] is not None
         return dict(
-            text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder"),
-            unet=UNet.from_pretrained(root / "unet"),
-            vae=AutoencoderKL.from_pretrained(root / "vae") if has_vae else None,
+            tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", **LOCAL),
+            text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", **LOCAL),
+            unet=UNet2DConditionModel.from_pretrained(root / "unet", **LOCAL),
+            vae=AutoencoderKL.from_pretrained(root / "vae", **LOCAL) if has_vae else None,
             scheduler=DDPMScheduler.from_config(sched_cfg),
-            clip=CLIPModel.from_pretrained(root / "clip") if (root / "clip").is_dir() else None,
+            clip=(
+                CLIPModel.from_pretrained(root / "clip", **LOCAL)
+                if (root / "clip").is_dir()
+                else None
+            ),
         )
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # unreadable, corrupt, or weights that
+        # do not fit their config (JSONDecodeError is a ValueError)
         raise UserError(f"cannot load model '{root}': {str(e).splitlines()[0]}") from e
 
 

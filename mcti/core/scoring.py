@@ -9,13 +9,17 @@ diffusion among those.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mcti.core.diffusion import noised, row_errors
 from mcti.core.model import ModelBundle
-from mcti.core.tokens import TokenSet, TokenTable
+from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
 from mcti.errors import UserError
+
+if TYPE_CHECKING:  # the scorer part of `mcti.settings` (hybrid_m, n_samples, to_keep, ...)
+    from mcti.settings import ScorerSettings
 
 
 @dataclass
@@ -78,15 +82,41 @@ class DiffusionScorer:
         n_samples: str | list[int] = "8,16,32",
         to_keep: str | list[int] = "5,2,1",
         batch_rows: int = 256,
-        template: str = "a photo of a {}",
+        template: str = TEMPLATES[0],
         seed: int = 0,
     ):
+        schedule = parse_schedule(n_samples, to_keep, tokens.num_classes)
+        cond = tokens.class_conditioning(table, template)  # (K, L, d), once per token set
+        self._build(bundle, cond, schedule, batch_rows, seed)
+
+    @classmethod
+    def from_conditioning(
+        cls,
+        bundle: ModelBundle,
+        cond: torch.Tensor,
+        schedule: tuple[list[int], list[int]],
+        batch_rows: int = 256,
+        seed: int = 0,
+    ) -> "DiffusionScorer":
+        """A scorer over precomputed class conditioning `cond` (K, L, d) and a schedule that
+        `parse_schedule` returned."""
+        scorer = cls.__new__(cls)
+        scorer._build(bundle, cond, schedule, batch_rows, seed)
+        return scorer
+
+    def _build(
+        self,
+        bundle: ModelBundle,
+        cond: torch.Tensor,
+        schedule: tuple[list[int], list[int]],
+        batch_rows: int,
+        seed: int,
+    ) -> None:
         if batch_rows < 1:
             raise UserError("--batch-rows must be >= 1")
         self.bundle, self.batch_rows, self.seed = bundle, batch_rows, seed
-        self.K = tokens.num_classes
-        self.n_samples, self.to_keep = parse_schedule(n_samples, to_keep, self.K)
-        self.cond = tokens.class_conditioning(table, template)  # (K, L, d), once per token set
+        self.cond, self.K = cond, len(cond)  # (K, L, d)
+        self.n_samples, self.to_keep = schedule
         # One grid of the largest stage's size; each stage takes an evenly spaced subset of it
         # (cumulative), exactly like the reference implementation.
         T = bundle.num_train_timesteps
@@ -158,18 +188,32 @@ class ClipScorer:
         bundle: ModelBundle,
         tokens: TokenSet,
         table: TokenTable,
-        template: str = "a photo of a {}",
+        template: str = TEMPLATES[0],
     ):
-        self.bundle = bundle
         with torch.no_grad():
-            self.text = tokens.clip_text_features(
+            text = tokens.clip_text_features(
                 table, [tokens.prompt(k, template) for k in range(tokens.num_classes)]
             )  # (K, P)
+        self.bundle, self.text = bundle, text
+
+    @classmethod
+    def from_text_features(cls, bundle: ModelBundle, text: torch.Tensor) -> "ClipScorer":
+        """A scorer over precomputed L2-normalised class text embeddings `text` (K, P)."""
+        scorer = cls.__new__(cls)
+        scorer.bundle, scorer.text = bundle, text
+        return scorer
 
     @torch.no_grad()
     def score_pixels(self, pixels: torch.Tensor) -> Scores:
         sims = (self.bundle.clip_image_features(pixels) @ self.text.T).float().cpu()  # (B, K)
         return Scores(sims, torch.zeros_like(sims, dtype=torch.long), 0)
+
+
+def _check_scorer(scorer: str, hybrid_m: int) -> None:
+    if scorer not in ("diffusion", "clip", "hybrid"):
+        raise UserError(f"--scorer must be diffusion, clip or hybrid, not '{scorer}'")
+    if scorer == "hybrid" and hybrid_m < 1:
+        raise UserError(f"--hybrid-m must be >= 1, not {hybrid_m}")
 
 
 class Classifier:
@@ -182,31 +226,61 @@ class Classifier:
         table: TokenTable,
         scorer: str = "diffusion",
         hybrid_m: int = 10,
-        **diffusion_kw,
+        n_samples: str | list[int] = "8,16,32",
+        to_keep: str | list[int] = "5,2,1",
+        batch_rows: int = 256,
+        template: str = TEMPLATES[0],
+        seed: int = 0,
     ):
-        if scorer not in ("diffusion", "clip", "hybrid"):
-            raise UserError(f"--scorer must be diffusion, clip or hybrid, not '{scorer}'")
-        self.bundle, self.kind, self.hybrid_m = bundle, scorer, hybrid_m
-        self.K = tokens.num_classes
-        template = diffusion_kw.get("template", "a photo of a {}")
-        self.clip = (
-            ClipScorer(bundle, tokens, table, template) if scorer in ("clip", "hybrid") else None
+        _check_scorer(scorer, hybrid_m)
+        prompts = [tokens.prompt(k, template) for k in range(tokens.num_classes)]
+        with torch.no_grad():
+            text = tokens.clip_text_features(table, prompts) if scorer != "diffusion" else None
+            cond = tokens.class_conditioning(table, template) if scorer != "clip" else None
+        self._build(bundle, scorer, cond, text, hybrid_m, n_samples, to_keep, batch_rows, seed)
+
+    @classmethod
+    def from_conditioning(
+        cls,
+        bundle: ModelBundle,
+        scorer: str = "diffusion",
+        cond: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
+        hybrid_m: int = 10,
+        n_samples: str | list[int] = "8,16,32",
+        to_keep: str | list[int] = "5,2,1",
+        batch_rows: int = 256,
+        seed: int = 0,
+    ) -> "Classifier":
+        """A classifier over precomputed per-class inputs instead of class tokens: `cond`
+        (K, L, d) UNet conditioning for the diffusion and hybrid scorers, `text_features`
+        (K, P) L2-normalised CLIP text embeddings for the clip and hybrid scorers (e.g. the
+        prompts of true class names, or conditioning another classifier already computed)."""
+        _check_scorer(scorer, hybrid_m)
+        if (scorer != "clip" and cond is None) or (scorer != "diffusion" and text_features is None):
+            need = {
+                "diffusion": "cond",
+                "clip": "text_features",
+                "hybrid": "cond and text_features",
+            }
+            raise ValueError(f"the {scorer} scorer needs {need[scorer]}")
+        clf = cls.__new__(cls)
+        clf._build(
+            bundle, scorer, cond, text_features, hybrid_m, n_samples, to_keep, batch_rows, seed
         )
-        if scorer != "clip":
-            if scorer == "hybrid":
-                m = min(hybrid_m, self.K)
-                tk = diffusion_kw.get("to_keep", "5,2,1")
-                tk = [int(x) for x in tk.split(",")] if isinstance(tk, str) else list(tk)
-                diffusion_kw["to_keep"] = [min(k, m) for k in tk]
-            self.diffusion = DiffusionScorer(bundle, tokens, table, **diffusion_kw)
+        return clf
 
     @classmethod
     def from_settings(
-        cls, bundle: ModelBundle, tokens: TokenSet, table: TokenTable, settings, scorer: str
+        cls,
+        bundle: ModelBundle,
+        tokens: TokenSet,
+        table: TokenTable,
+        settings: "ScorerSettings",
+        scorer: str,
     ) -> "Classifier":
-        """The classifier of a settings object with the scorer fields of `ScoreArgs`
-        (hybrid_m, n_samples, to_keep, batch_rows, template, seed): `mcti eval/classify` and
-        the server build theirs here."""
+        """The classifier of a settings object's scorer fields (hybrid_m, n_samples, to_keep,
+        batch_rows, template, seed): `mcti eval/classify` and the server build theirs here."""
         return cls(
             bundle,
             tokens,
@@ -219,6 +293,31 @@ class Classifier:
             template=settings.template,
             seed=settings.seed,
         )
+
+    def _build(
+        self,
+        bundle: ModelBundle,
+        scorer: str,
+        cond: torch.Tensor | None,
+        text: torch.Tensor | None,
+        hybrid_m: int,
+        n_samples: str | list[int],
+        to_keep: str | list[int],
+        batch_rows: int,
+        seed: int,
+    ) -> None:
+        self.bundle, self.kind, self.hybrid_m = bundle, scorer, hybrid_m
+        self.K = len(cond) if scorer != "clip" else len(text)
+        self.clip = self.diffusion = None
+        if scorer != "diffusion":
+            self.clip = ClipScorer.from_text_features(bundle, text)
+        if scorer != "clip":
+            # hybrid: diffusion ranks only the clip prefilter's top m, so keep at most m
+            m = min(hybrid_m, self.K) if scorer == "hybrid" else self.K
+            schedule = parse_schedule(n_samples, to_keep, m)
+            self.diffusion = DiffusionScorer.from_conditioning(
+                bundle, cond, schedule, batch_rows, seed
+            )
 
     @torch.no_grad()
     def score(self, pixels: torch.Tensor) -> Scores:

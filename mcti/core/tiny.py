@@ -1,53 +1,14 @@
 """`tiny-random`: a tiny Stable-Diffusion-architecture model built from config, for tests.
 
 Same parts as SD 1.x (CLIP tokenizer and text encoder, UNet2DConditionModel, DDPM scheduler,
-AutoencoderKL) plus a matching CLIP model (vision tower and projections). Weights are seeded,
-so the model and its fingerprint are the same on every machine.
+AutoencoderKL) plus a matching CLIP model (vision tower and projections); the tokenizer is
+`mcti.core.tokenizer`'s byte-level BPE over its `BASE_WORDS`. Weights are seeded, so the model
+and its fingerprint are the same on every machine.
 """
 
 import torch
 
-# Words the tiny tokenizer knows as single tokens (others split into bytes, which still works).
-TINY_WORDS = (
-    "a an the of in on with and photo picture image rendering cropped close-up bright dark "
-    "clean small large good one object thing cat dog car shirt shoe bag"
-).split()
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte -> printable unicode map used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
-
-
-def build_clip_tokenizer(words: list[str] | tuple[str, ...] = TINY_WORDS):
-    """A byte-level BPE CLIP tokenizer whose vocabulary is the 256 bytes plus `words`."""
-    from transformers import CLIPTokenizer
-
-    chars = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for tok in ["<|startoftext|>", "<|endoftext|>", *chars, *[c + "</w>" for c in chars]]:
-        vocab.setdefault(tok, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        units = list(word)
-        units[-1] += "</w>"
-        left = units[0]
-        for right in units[1:]:
-            merged = left + right
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append((left, right))
-            left = merged
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+from mcti.core.tokenizer import build_clip_tokenizer
 
 
 def build_tiny_random(seed: int = 0) -> dict:

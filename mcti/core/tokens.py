@@ -40,6 +40,28 @@ def token_words(k: int, n_vectors: int) -> list[str]:
     return [base] + [f"{base}_{i}" for i in range(1, n_vectors)]
 
 
+def tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
+    """prompts -> (P, max_length) ids, padded and truncated to one length."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def pool_at_eos(hidden: torch.Tensor, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(P, L, d) hidden states, (P, L) ids -> (P, d) the state at each prompt's first EOS.
+
+    transformers pools at `argmax(ids)` for legacy configs (`eos_token_id == 2`, SD 1.x among
+    them), which lands on an added placeholder id: pool at the EOS ourselves.
+    """
+    eos = (ids == eos_id).int().argmax(dim=1)  # (P,)
+    return hidden[torch.arange(len(ids), device=ids.device), eos]
+
+
+def project_text(clip: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """(P, d) pooled text states -> (P, P_dim) L2-normalised CLIP text embeddings."""
+    return nn.functional.normalize(clip.text_projection(pooled), dim=-1)
+
+
 class TokenTable(nn.Module):
     """The only trainable state: (K * n_vectors, d) class token vectors."""
 
@@ -113,18 +135,13 @@ class TokenSet:
         max_len = min(
             ml if ml < 10_000 else 77, self.bundle.text_encoder.config.max_position_embeddings
         )
-        return self.tokenizer(
-            prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.bundle.device)
+        return tokenize(self.tokenizer, prompts, max_len).to(self.bundle.device)
 
     def encode(
         self, table: TokenTable | None, prompts: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> (P, L, d) last hidden states (UNet conditioning), (P, d) pooled at EOS.
-
-        The pooled feature is taken at the first EOS position ourselves: transformers takes it
-        at `argmax(ids)` for legacy configs, which would land on an added placeholder id.
-        """
+        """prompts -> (P, L, d) last hidden states (UNet conditioning), (P, d) pooled at the
+        first EOS (`pool_at_eos`)."""
         ids = self.tokenize(prompts)  # (P, L)
         te = self.bundle.text_encoder
         original = te.get_input_embeddings()
@@ -135,8 +152,7 @@ class TokenSet:
         finally:
             te.set_input_embeddings(original)
             self.embedding.table = None
-        eos = (ids == self.eos_id).int().argmax(dim=1)  # (P,)
-        return hidden, hidden[torch.arange(len(ids), device=ids.device), eos]
+        return hidden, pool_at_eos(hidden, ids, self.eos_id)
 
     def class_conditioning(self, table: TokenTable, template: str = TEMPLATES[0]) -> torch.Tensor:
         """(K, L, d) conditioning for every class with one template; computed once per set."""
@@ -150,4 +166,4 @@ class TokenSet:
         """(P, P_dim) L2-normalised CLIP text embeddings of prompts with class tokens."""
         clip = self.bundle.require_clip()
         _, pooled = self.encode(table, prompts)
-        return nn.functional.normalize(clip.text_projection(pooled), dim=-1)
+        return project_text(clip, pooled)

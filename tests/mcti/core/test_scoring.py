@@ -94,3 +94,34 @@ def test_hybrid_only_scores_clip_candidates(tiny_bundle, token_set):
     text = tokens.clip_text_features(table, [tokens.prompt(k) for k in range(4)])
     ref = tiny_bundle.clip_image_features(pixels) @ text.T
     torch.testing.assert_close(clip.scores, ref)
+
+
+@torch.no_grad()
+def test_from_conditioning_scores_as_the_token_classifier(tiny_bundle, token_set):
+    """The conditioning and text features a token Classifier computes, given precomputed, give
+    the same scores for every scorer; the hybrid's to_keep is clipped to hybrid_m once."""
+    tokens, table = token_set
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    cond, pooled = tokens.encode(table, [tokens.prompt(k) for k in range(4)])  # (4, L, d)
+    text = torch.nn.functional.normalize(tiny_bundle.clip.text_projection(pooled), dim=-1)
+    kw = dict(hybrid_m=3, n_samples="2,4", to_keep="4,1", seed=3)
+    for scorer in ("diffusion", "clip", "hybrid"):
+        ref = Classifier(tiny_bundle, tokens, table, scorer=scorer, **kw)
+        got = Classifier.from_conditioning(tiny_bundle, scorer, cond, text, **kw)
+        a, b = ref.score(pixels), got.score(pixels)
+        torch.testing.assert_close(b.scores, a.scores, rtol=1e-5, atol=1e-6)
+        assert torch.equal(b.ranking(), a.ranking())
+    assert got.diffusion.to_keep == [3, 1]  # hybrid: at most hybrid_m classes survive
+    assert Classifier.from_conditioning(tiny_bundle, "diffusion", cond, None, **kw).K == 4
+
+
+def test_classifier_argument_errors(tiny_bundle, token_set):
+    tokens, table = token_set
+    with pytest.raises(UserError, match="--scorer must be"):
+        Classifier(tiny_bundle, tokens, table, scorer="knn")
+    with pytest.raises(UserError, match="--hybrid-m must be >= 1"):
+        Classifier(tiny_bundle, tokens, table, scorer="hybrid", hybrid_m=0)
+    with pytest.raises(UserError, match="--to-keep"):  # parsed (and refused) on the hybrid path too
+        Classifier(tiny_bundle, tokens, table, scorer="hybrid", to_keep="two,1")
+    with pytest.raises(ValueError, match="needs cond and text_features"):
+        Classifier.from_conditioning(tiny_bundle, "hybrid", cond=torch.zeros(4, 77, 32))

@@ -1,5 +1,5 @@
-"""`mcti pretrain` (quick setting), the offline data split, the true-name classifier and the
-shipped embedded model."""
+"""`mcti pretrain` (quick setting), the offline data split and the shipped embedded model (the
+true-name classifier's test is in tests/mcti/eval/test_baselines.py)."""
 
 import hashlib
 import json
@@ -78,28 +78,6 @@ def test_write_folder_uses_opaque_keys(tmp_path):
     assert np.array_equal(im, want)
 
 
-def test_true_name_classifier_equals_tokens_set_to_the_name_embeddings(tiny_bundle):
-    """Reference: class tokens whose vectors are the names' own (single-token) embeddings give
-    the same conditioning, hence the same scores, as prompting with the names."""
-    from mcti.core.scoring import Classifier
-    from mcti.core.tokens import TokenSet, TokenTable
-    from mcti.pretrain import true_name_classifier
-
-    names = ["cat", "dog", "car"]
-    ids = [tiny_bundle.tokenizer(n, add_special_tokens=False).input_ids for n in names]
-    assert all(len(i) == 1 for i in ids)
-    emb = tiny_bundle.text_encoder.get_input_embeddings().weight
-    tokens = TokenSet(tiny_bundle, 3)
-    table = TokenTable(3, 1, torch.zeros(tiny_bundle.hidden_size))
-    with torch.no_grad():
-        table.vectors.copy_(emb[[i[0] for i in ids]])
-    x = torch.rand(4, 3, tiny_bundle.resolution, tiny_bundle.resolution) * 2 - 1
-    for scorer, kw in (("diffusion", dict(n_samples="4", to_keep="1")), ("clip", {})):
-        ref = Classifier(tiny_bundle, tokens, table, scorer=scorer, **kw).score(x)
-        got = true_name_classifier(tiny_bundle, names, scorer, **kw).score(x)
-        torch.testing.assert_close(got.scores, ref.scores, rtol=1e-5, atol=1e-6)
-
-
 def test_quick_pretrain_writes_a_loadable_model(tmp_path):
     from mcti.core.model import load_model
     from mcti.pretrain import PretrainArgs, run
@@ -129,7 +107,8 @@ def test_quick_pretrain_writes_a_loadable_model(tmp_path):
 
 
 def test_pretraining_concepts_exclude_novel_classes():
-    from mcti.pretrain import PretrainArgs, build_corpus
+    from mcti.pretrain.corpus import build_corpus
+    from mcti.settings import PretrainArgs
 
     datasets = [d for d in _available() if d != "fashion-mnist"]  # fashion: 48k images, slow
     corpus, splits = build_corpus(PretrainArgs(out="x", datasets=",".join(datasets)), 2)
@@ -142,8 +121,7 @@ def test_pretraining_concepts_exclude_novel_classes():
 EMBEDDED = Path(__file__).resolve().parents[3] / "mcti" / "assets" / "embedded-model"
 
 
-@pytest.mark.skipif(not (EMBEDDED / "model_index.json").is_file(), reason="no embedded model")
-def test_embedded_model_files_match_their_hashes_and_load():
+def test_embedded_model_files_match_their_hashes_and_load():  # shipped in the repo: never skipped
     from mcti.core.model import load_model
 
     lines = (EMBEDDED / "SHA256SUMS").read_text().split("\n")
