@@ -45,13 +45,13 @@ from serving.http import (
     short,
 )
 from serving.loopback import keep_replica_grpc_on_loopback
-from serving.tokensets import TokenSets, load_sets, requested_version
 from serving.schemas import (
     ClassifyResponse,
     GenerateRequest,
     HealthResponse,
     TokenSetsResponse,
 )
+from serving.tokensets import TokenSets, load_sets, requested_version
 
 log = logging.getLogger("ray.serve")  # Serve's logger: replica logs, never request payloads
 

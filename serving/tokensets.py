@@ -16,10 +16,10 @@ again (`mcti serve` puts `dir_version` there); a new directory per set needs non
 
 import hashlib
 import json
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from mcti.errors import UserError
 
