@@ -2,12 +2,13 @@
 
     proxy -> Ingress (HTTP: serving/http.py) -> MctiClassifier (model, batching, generation)
 
-The deployments are in serving/deployments.py, the batcher they use in serving/batcher.py, and
-the local Ray instance `mcti serve` starts in serving/local_ray.py.
+The deployments are in serving/classifier.py and serving/deployments.py, the batcher they use
+in serving/batcher.py, and the local Ray instance `mcti serve` starts in serving/local_ray.py.
 """
 
+from serving.classifier import MctiClassifier
 from serving.config import AppConfig, load_config
-from serving.deployments import Ingress, MctiClassifier
+from serving.deployments import Ingress
 from serving.tokensets import token_config
 
 
