@@ -11,7 +11,6 @@ notices a new list from the answers and asks for it again.
 """
 
 import asyncio
-import logging
 import time
 
 from fastapi import Request
@@ -40,8 +39,6 @@ from serving.schemas import (
     HealthResponse,
     TokenSetsResponse,
 )
-
-log = logging.getLogger("ray.serve")  # Serve's logger: replica logs, never request payloads
 
 HEALTH_TIMEOUT_S = 3.0  # /healthz: a classifier that does not answer within this is unhealthy
 INFO_REFRESH_S = 1.0  # an unknown token set asks the classifier again at most this often
