@@ -8,6 +8,7 @@ against idle (p50/p95 ratio; generation has its own bounded queue and yields to 
     python benchmarks/serve_load.py --n-samples 8,16,32 --to-keep 5,2,1 --requests 64  # library default
     python benchmarks/serve_load.py --concurrency 1,8 --requests 32 --seconds 20   # quicker
     python benchmarks/serve_load.py --concurrency "" --requests 24   # only classify vs generation
+    python benchmarks/serve_load.py --swap     # only: roll out a token set under load (below)
 
 Both variants run as two Serve applications (/b batched, /u max_batch_size=1), one classifier
 replica each with its own CPU, so that they can be compared under the same background load: at
@@ -22,6 +23,15 @@ generating (--generate-steps DDIM steps, one image each), interleaved in --round
 next request when its previous one returns. Clients run on the same CPUs as the server.
 Both sides use the same torch intra-op thread count (--threads): on a small shared CPU,
 oversubscribed OpenMP threads make the UNet many times slower, which would swamp the comparison.
+
+--swap measures a roll-out instead, on its own Serve instance deployed as `serve deploy` does
+(serving.local_ray.deploy): --swap-clients closed-loop clients classify for the whole run while
+the token set is replaced by one with one more class, first as a user_config change (the running
+replica reconfigures) and then with an `args` change too (the old path, which a base-model change
+takes: Serve starts a new replica and stops the old one). For each: seconds from the update to
+the first answer naming the new label, failed requests, the classify p50/p95 before and during
+the roll-out (requests in flight between the update and that first answer), and whether the
+replica process is the same.
 
 (Over 400 lines: one benchmark whose four measurements share one Serve instance; each is a
 function of its own, and `main` only sequences them.)
@@ -237,6 +247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--generate-steps", type=int, default=25, help="DDIM steps per generation")
     ap.add_argument("--rounds", type=int, default=2, help="idle/busy rounds, interleaved")
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--swap", action="store_true", help="only measure token-set roll-outs")
+    ap.add_argument("--swap-clients", type=int, default=4, help="clients during a roll-out")
     args = ap.parse_args(argv)
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     return args
@@ -363,6 +375,134 @@ def classify_while_generating(args, url: str, pngs: list[bytes]) -> dict:
     }
 
 
+def roll_out(url: str, pngs: list[bytes], clients: int, update, new_label: str) -> dict:
+    """Classify from `clients` threads, call `update()`, and time the first answer naming
+    `new_label`; latencies before and during, failures, and the replica pid before and after."""
+    import requests
+
+    answers: list[tuple[float, float, bool, list]] = []  # (sent, answered, ok, labels)
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        s = requests.Session()
+        while not stop.is_set():
+            png = pngs[i % len(pngs)]
+            i += clients
+            t0 = time.monotonic()
+            try:
+                r = s.post(
+                    f"{url}/v1/classify",
+                    files={"image": ("x.png", png)},
+                    data={"top_k": "10000"},
+                    timeout=300,
+                )
+                ok, labels = r.status_code == 200, r.json().get("labels", [])
+            except Exception:
+                ok, labels = False, []
+            answers.append((t0, time.monotonic(), ok, labels))
+
+    pid = requests.get(f"{url}/v1/stats", timeout=60).json()["pid"]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(5.0)
+    t_update = time.monotonic()
+    update()
+    t_new = None
+    while t_new is None and time.monotonic() - t_update < 600:
+        hits = [done for _, done, ok, labels in list(answers) if new_label in labels]
+        t_new = min(hits) if hits else None
+        time.sleep(0.05)
+    time.sleep(3.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    t_new = t_new or time.monotonic()
+    lat = lambda sel: [done - sent for sent, done, ok, _ in sel if ok]  # noqa: E731
+    before = [a for a in answers if a[1] < t_update]
+    during = [a for a in answers if a[1] >= t_update and a[0] <= t_new]
+    return {
+        "swap_s": t_new - t_update,
+        "failed": sum(not a[2] for a in answers),
+        "requests": len(answers),
+        "before": {"n": len(before), **percentiles(lat(before))},
+        "during": {"n": len(during), **percentiles(lat(during))},
+        "same_replica": requests.get(f"{url}/v1/stats", timeout=60).json()["pid"] == pid,
+    }
+
+
+def measure_swap(args, pngs: list[bytes], tmp: Path) -> dict:
+    """A user_config roll-out, then one with an args change (a new replica), under load."""
+    import ray
+    from ray import serve
+
+    from mcti.core.model import load_model
+    from mcti.core.store import read_meta
+    from serving.config import load_config
+    from serving.local_ray import deploy, wait_running
+
+    labels = list(read_meta(args.tokens)["classes"])
+    bundle = load_model(args.model, device=args.device)
+    new_sets = [
+        random_token_set(bundle, tmp / f"swap-{i}", [*labels, *extra], 1 + i, "bench")
+        for i, extra in enumerate((["new-0"], ["new-0", "new-1"]))
+    ]
+    del bundle
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(
+        num_cpus=args.cpus or 2,
+        include_dashboard=False,
+        object_store_memory=100 * 2**20,
+        log_to_driver=False,
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = app_config(args, args.max_batch_size, args.batch_wait, generate=False)
+        settings["num_cpus"] = 1  # a new replica (the args roll-out) fits next to the old one
+        deploy(load_config(settings), {})
+        wait_running(serve, 600)
+        url = f"http://127.0.0.1:{port}"
+        load(url, pngs, 1, 2, 60)  # warm-up
+        out = {}
+        print("roll-out as a user_config change ...", file=sys.stderr)
+        cfg = load_config({**settings, "tokens": {"default": str(new_sets[0])}})
+        out["user_config"] = roll_out(
+            url, pngs, args.swap_clients, lambda: deploy(cfg, {}), "new-0"
+        )
+        print("roll-out with an args change (new replica) ...", file=sys.stderr)
+        cfg = load_config({**settings, "seed": 1, "tokens": {"default": str(new_sets[1])}})
+        out["new_replica"] = roll_out(
+            url, pngs, args.swap_clients, lambda: deploy(cfg, {}), "new-1"
+        )
+        return out
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def report_swap(swap: dict) -> None:
+    print("\ntoken-set roll-out under load (closed-loop clients):")
+    rows = [
+        {
+            "how": how,
+            "swap_s": r["swap_s"],
+            "failed": r["failed"],
+            "n": r["requests"],
+            "p50_before": r["before"]["p50"],
+            "p95_before": r["before"]["p95"],
+            "p50_during": r["during"]["p50"],
+            "p95_during": r["during"]["p95"],
+            "same_pid": str(r["same_replica"]),
+        }
+        for how, r in swap.items()
+    ]
+    columns = [("how", 12, "s"), ("swap_s", 8, ".2f"), ("failed", 7, "d"), ("n", 6, "d")]
+    columns += [(k, 11, ".1f") for k in ("p50_before", "p95_before", "p50_during", "p95_during")]
+    print(table([*columns, ("same_pid", 9, "s")], rows))
+
+
 def report(results: dict) -> None:
     ip = results.get("in_process")
     if ip:
@@ -437,6 +577,16 @@ def main(argv: list[str] | None = None) -> int:
     pngs = synthetic_pngs(8, bundle.resolution)
     del bundle
 
+    if args.swap:
+        try:
+            results = {"settings": {k: v for k, v in vars(args).items() if k != "concurrencies"}}
+            results["swap"] = measure_swap(args, pngs, Path(tmp.name))
+        finally:
+            tmp.cleanup()
+        report_swap(results["swap"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
     call = library_caller(args)
     for png in pngs[:2]:
         call(png)  # warm-up

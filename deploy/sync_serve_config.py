@@ -4,7 +4,8 @@
     python deploy/sync_serve_config.py --check   # exit 1 if they differ
 
 The RayService embeds the Serve config as a string, so it cannot include the file; this copies
-the `applications` list verbatim, and the file's `http_options` (port 8000 by default, the request
+the `applications` list verbatim (token sets in the classifier's `user_config`, where a change of
+them alone replaces no replica: a warning names an application that has them in `args`), and the file's `http_options` (port 8000 by default, the request
 timeout) listening on the pod's address (0.0.0.0). Only the serveConfigV2 block of the manifest is
 rewritten; its comments and the rest of the file stay as they are.
 """
@@ -28,6 +29,14 @@ def wanted(serve_config: Path) -> dict:
     apps = cfg.get("applications")
     if not apps:
         raise SystemExit(f"{serve_config}: no 'applications' list")
+    for app in apps:
+        if "tokens" in (app.get("args") or {}):
+            print(
+                f"{serve_config}: warning: application '{app.get('name')}' has tokens in args: "
+                "a change of them replaces every replica; put them in the user_config of "
+                "deployment MctiClassifier (see serving/serve_config.yaml)",
+                file=sys.stderr,
+            )
     http = {"host": "0.0.0.0", "port": 8000}
     http.update((k, v) for k, v in (cfg.get("http_options") or {}).items() if k != "host")
     return {"http_options": http, "applications": apps}

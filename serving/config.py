@@ -6,7 +6,11 @@ only the checks across fields live here.
 
 The same keys are the `args:` of an application in a Serve config file
 (`import_path: serving.app:build_app`), the top level of `mcti serve --config FILE`, and the
-fields `build_app(args)` takes. Imports stay light (no torch, no ray): `mcti --help` loads this.
+fields `build_app(args)` takes. `tokens` is the exception in a Serve config file: there it is the
+classifier deployment's `user_config` (`deployments: [{name: MctiClassifier, user_config:
+{tokens: ...}}]`), which Serve applies to running replicas, while a change of `args` rebuilds the
+application and replaces every replica (serving/tokensets.py). Imports stay light (no torch, no
+ray): `mcti --help` loads this.
 """
 
 import dataclasses
@@ -30,7 +34,18 @@ from pydantic import (
 from mcti.errors import UserError
 from mcti.settings import SCORERS, Bounds, Check, ScorerSettings, ServeSettings, field_docs, part
 
-__all__ = ["SCORERS", "AppConfig", "load_config", "parse_tokens", "read_config_file"]
+__all__ = [
+    "CLASSIFIER",
+    "SCORERS",
+    "AppConfig",
+    "application_settings",
+    "load_config",
+    "parse_tokens",
+    "read_config_file",
+    "serve_application",
+]
+
+CLASSIFIER = "MctiClassifier"  # the deployment whose user_config holds the token sets
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # decoders PIL may try on a request body
 
@@ -126,8 +141,8 @@ class _AppConfigChecks(BaseModel):
         return self
 
     @property
-    def default_token_set(self) -> str:
-        return next(iter(self.tokens))
+    def default_token_set(self) -> str | None:
+        return next(iter(self.tokens)) if self.tokens else None
 
     def scorer_settings(self) -> ScorerSettings:
         """The scorer settings (what Classifier.from_settings takes)."""
@@ -141,7 +156,11 @@ class _AppConfigChecks(BaseModel):
 
 
 _FIELDS = _fields(ServeSettings)
-_FIELDS["tokens"] = (dict[str, str], Field(..., description=_FIELDS["tokens"][1].description))
+# Optional here: in a Serve config file the token sets are the classifier's user_config.
+_FIELDS["tokens"] = (
+    dict[str, str] | None,
+    Field(None, description=_FIELDS["tokens"][1].description),
+)
 AppConfig = create_model(
     "AppConfig",
     __base__=_AppConfigChecks,
@@ -150,18 +169,47 @@ AppConfig = create_model(
 )
 
 
-def load_config(args: dict | AppConfig) -> AppConfig:
-    """Validate settings; every mistake becomes one UserError line naming the key."""
-    if isinstance(args, AppConfig):
-        return args
-    try:
-        return AppConfig(**args)
-    except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            where = ".".join(str(x) for x in err["loc"]) or "config"
-            msgs.append(f"{where}: {err['msg']}")  # never err['input']: it may be large
-        raise UserError("bad serving config: " + "; ".join(msgs)) from None
+def load_config(args: dict | AppConfig, need_tokens: bool = True) -> AppConfig:
+    """Validate settings; every mistake becomes one UserError line naming the key.
+    `need_tokens=False`: the application builder's args, whose token sets may come as the
+    classifier's user_config instead."""
+    if not isinstance(args, AppConfig):
+        try:
+            args = AppConfig(**args)
+        except ValidationError as e:
+            msgs = []
+            for err in e.errors():
+                where = ".".join(str(x) for x in err["loc"]) or "config"
+                msgs.append(f"{where}: {err['msg']}")  # never err['input']: it may be large
+            raise UserError("bad serving config: " + "; ".join(msgs)) from None
+    if need_tokens and not args.tokens:
+        raise UserError("bad serving config: tokens: needs at least one token set")
+    return args
+
+
+def application_settings(app: dict) -> dict:
+    """AppConfig keys of one application of a Serve config file: its `args`, and `tokens` from
+    the classifier deployment's user_config (which wins, as it does in Serve)."""
+    settings = dict(app.get("args") or {})
+    for d in app.get("deployments") or []:
+        if d.get("name") == CLASSIFIER and "tokens" in (d.get("user_config") or {}):
+            settings["tokens"] = d["user_config"]["tokens"]
+    return settings
+
+
+def serve_application(cfg: AppConfig, versions: dict[str, str] | None = None) -> dict:
+    """The Serve config entry of the application (what `serve deploy` takes): settings as
+    `args`, token sets as the classifier's user_config, so that a change of token sets alone
+    is applied to the running replicas."""
+    from serving.tokensets import token_config
+
+    return {
+        "name": "mcti",
+        "route_prefix": "/",
+        "import_path": "serving.app:build_app",
+        "args": cfg.model_dump(mode="json", exclude={"tokens"}),
+        "deployments": [{"name": CLASSIFIER, "user_config": token_config(cfg.tokens, versions)}],
+    }
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -187,5 +235,5 @@ def read_config_file(path: str | Path) -> dict:
             raise UserError(
                 f"--config {path}: no application with import_path serving.app:build_app"
             )
-        data = apps[0].get("args") or {}
+        data = application_settings(apps[0])
     return dict(data)

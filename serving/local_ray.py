@@ -1,5 +1,12 @@
 """The local Ray instance of `mcti serve`: loopback only, token auth on, a clean stop on SIGINT
-or SIGTERM.
+or SIGTERM, the token directories read again on SIGHUP.
+
+The application is deployed as `serve deploy` deploys a config file (declaratively: settings as
+`args`, token sets as the classifier's `user_config`, serving.config.serve_application). On SIGHUP
+the token directories' versions (serving.tokensets.dir_version) go into a new user_config: Serve
+then calls `reconfigure` on the running replicas, which keep the model loaded. (`serve.run` of
+the same application with a new user_config would replace every replica: an imperative deploy
+gets a new random code version each time.)
 
 What listens where (Ray 2.60, checked by tests/serving/test_local_serve.py with `ss -ltnp` over
 the server's whole process session):
@@ -24,6 +31,7 @@ import secrets
 import signal
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +85,59 @@ def startup_error(serve, e: Exception) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+def deploy(cfg, versions: dict[str, str]) -> str:
+    """Deploy the application, or update it, from its Serve config (as `serve deploy` does);
+    returns the version of token sets the classifier replicas will report once applied."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.config import serve_application
+    from serving.tokensets import sets_version
+
+    config = ServeDeploySchema(applications=[serve_application(cfg, versions)])
+    _get_global_client().deploy_apps(config)
+    return sets_version(cfg.tokens, versions)
+
+
+def wait_running(serve, timeout_s: float | None = None) -> None:
+    """Until the application runs; a UserError with the replicas' reason when it cannot."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get("mcti")
+        status = str(app.status) if app else ""
+        if status.endswith("RUNNING"):
+            return
+        if status.endswith("DEPLOY_FAILED"):
+            raise RuntimeError(app.message)
+        if deadline is not None and time.monotonic() > deadline:
+            raise RuntimeError(f"not running after {timeout_s:g} s")
+        time.sleep(0.2)
+
+
+def reload_tokens(serve, cfg, timeout_s: float = 300) -> str:
+    """Read the token directories again and apply them to the running replicas (SIGHUP):
+    the line to print."""
+    from serving.config import CLASSIFIER
+    from serving.tokensets import dir_version
+
+    t0 = time.monotonic()
+    versions = {k: dir_version(p) for k, p in cfg.tokens.items()}
+    expected = deploy(cfg, versions)
+    handle = serve.get_deployment_handle(CLASSIFIER, "mcti")
+    while True:  # until a replica says it has tried this version
+        h = handle.health.remote().result(timeout_s=30)
+        if h["requested"] == expected:
+            break
+        if time.monotonic() - t0 > timeout_s:
+            return f"token sets not applied within {timeout_s:g} s; the previous ones serve"
+        time.sleep(0.2)
+    if h["error"]:
+        return f"token sets not applied (the previous ones keep serving): {h['error']}"
+    info = handle.info.remote().result(timeout_s=30)
+    sets = ", ".join(f"{k} ({len(v['labels'])} classes)" for k, v in info["token_sets"].items())
+    return f"token sets applied in {time.monotonic() - t0:.1f} s: {sets}"
+
+
 def _stop(signum, frame) -> None:
     # SIGINT from a terminal or a process manager, SIGTERM (docker stop, kill): the same clean
     # stop. Set explicitly: a process started in the background inherits SIGINT ignored.
@@ -93,9 +154,10 @@ def serve_locally(app_config, host: str, port: int, cpus: int, ready_line: str) 
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.tokensets import dir_version
 
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    hup = threading.Event()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         ray.init(
             num_cpus=cpus,
@@ -104,22 +166,34 @@ def serve_locally(app_config, host: str, port: int, cpus: int, ready_line: str) 
             namespace="mcti-serve",
             _node_ip_address=LOOPBACK,
         )
-        for s in saved:  # after ray.init, which sets its own SIGTERM handler
-            signal.signal(s, _stop)
+        # after ray.init, which sets its own SIGTERM handler
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGHUP, lambda signum, frame: hup.set())
         http = {"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S}
         serve.start(http_options=http)
         try:
-            serve.run(build_app(app_config), name="mcti", route_prefix="/", blocking=False)
+            deploy(app_config, {k: dir_version(p) for k, p in app_config.tokens.items()})
+            wait_running(serve)
         except Exception as e:
             raise UserError(f"the application did not start: {startup_error(serve, e)}") from None
         print(ready_line, file=sys.stderr, flush=True)
         print(
-            f"mcti serve: Ray listens on {LOOPBACK} only; Ray token auth on ({auth})",
+            f"mcti serve: Ray listens on {LOOPBACK} only; Ray token auth on ({auth}); "
+            f"`kill -HUP {os.getpid()}` re-reads the token directories",
             file=sys.stderr,
             flush=True,
         )
         while True:
-            time.sleep(3600)
+            if not hup.wait(1.0):
+                continue
+            hup.clear()
+            print("mcti serve: SIGHUP: reading the token directories", file=sys.stderr, flush=True)
+            try:
+                line = reload_tokens(serve, app_config)
+            except Exception as e:  # the server keeps serving what it has
+                line = f"token sets not applied: {type(e).__name__}: {str(e)[:300]}"
+            print(f"mcti serve: {line}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("mcti serve: shutting down", file=sys.stderr, flush=True)
     finally:

@@ -60,8 +60,13 @@ class TokenSetsResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str
+    status: str = Field(description="ok, busy, or degraded (see token_sets_error).")
     token_sets: int
+    token_sets_error: str | None = Field(
+        None,
+        description="Why the last token sets given to the server were not applied (the "
+        "previous ones still serve); absent when they were.",
+    )
 
 
 class GenerateRequest(BaseModel):

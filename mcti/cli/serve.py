@@ -1,4 +1,7 @@
-"""`mcti serve`: run the Serve application on this machine until Ctrl-C (or SIGTERM).
+"""`mcti serve`: run the Serve application on this machine until Ctrl-C (or SIGTERM); SIGHUP
+re-reads the --tokens directories and applies them to the running replicas, as `serve deploy`
+of a changed user_config does (serving/local_ray.py: the model stays loaded, no replica restarts;
+a set that fails to load leaves the old ones serving and is reported in /healthz).
 
 Settings come from --config FILE (AppConfig keys, or a Serve config file such as
 serving/serve_config.yaml, whose application args are used), then from the flags: a flag given

@@ -242,9 +242,11 @@ def test_serve_paths_are_on_the_serving_volumes():
             return [p for v in x for p in paths(v)]
         return [x] if isinstance(x, str) and x.startswith("/") else []
 
+    from serving.config import application_settings
+
     expected_claim = {"model": "mcti-models", "tokens": "mcti-tokens"}
     for app in serve_v2()["applications"]:
-        args = app.get("args", {})
+        args = application_settings(app)  # args, and the token sets of the user_config
         assert paths(args), "the Serve app reads no path: where do the model and tokens come from?"
         for where, spec in serving_pods().items():  # the builder may run on any node
             c = spec["containers"][0]
@@ -300,12 +302,12 @@ def test_resources_gpus_and_tolerations():
             "tolerations"
         ], where
     # the classifier replicas ask for GPUs, and what Serve may ask for fits the worker group
-    from serving.config import load_config
+    from serving.config import application_settings, load_config
 
     g = rc["workerGroupSpecs"][0]
     per_worker = gpus(g["template"]["spec"]["containers"][0])
     for app in serve_v2()["applications"]:
-        cfg = load_config(app.get("args", {}))
+        cfg = load_config(application_settings(app))
         assert 0 < cfg.num_gpus <= per_worker, "the classifier must run on the GPU workers"
         assert (cfg.max_replicas or cfg.num_replicas) * cfg.num_gpus <= g[
             "maxReplicas"

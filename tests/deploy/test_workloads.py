@@ -37,11 +37,16 @@ def test_serve_config_is_serving_serve_config():
         return [a.model_dump(exclude_unset=True) for a in cfg.applications]
 
     assert apps(embedded) == apps(from_file), "run `python deploy/sync_serve_config.py`"
-    from serving.config import load_config
+    from serving.config import CLASSIFIER, application_settings, load_config
 
     for a in embedded.applications:
         assert a.import_path == "serving.app:build_app"
-        load_config(a.args)  # the app's own settings model accepts them (unknown keys rejected)
+        # the app's own settings model accepts them (unknown keys rejected)
+        load_config(application_settings(a.model_dump(exclude_unset=True)))
+        # token sets are the classifier's user_config: changing them replaces no replica
+        assert "tokens" not in a.args
+        (classifier,) = [d for d in a.deployments if d.name == CLASSIFIER]
+        assert classifier.user_config["tokens"]
     # pods listen on their own address, on the port the probes and the client Service use
     assert (embedded.http_options.host, embedded.http_options.port) == ("0.0.0.0", 8000)
 

@@ -1,8 +1,10 @@
 """`mcti serve` as a process manager runs it: a subprocess in its own session, SIGINT ignored as
 a background job inherits it. Every listening socket of the whole session is on loopback, Ray's
-token auth is on with a token file only its owner can read, and SIGINT or SIGTERM to the server
-alone stops everything."""
+token auth is on with a token file only its owner can read, SIGHUP makes it read its token
+directory again (same replica process), and SIGINT or SIGTERM to the server alone stops
+everything."""
 
+import io
 import ipaddress
 import os
 import re
@@ -62,6 +64,50 @@ def is_loopback(address: str) -> bool:
         return False
     ip = ipaddress.ip_address(host)
     return ip.is_loopback or bool(ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback)
+
+
+def _classify(port: int) -> dict:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
+    files = {"image": ("x.png", buf.getvalue(), "image/png")}
+    r = requests.post(
+        f"http://127.0.0.1:{port}/v1/classify", files=files, data={"top_k": "9"}, timeout=120
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _wait_line(lines: list[str], words: str, after: int, proc, deadline_s: float = 120) -> str:
+    end = time.time() + deadline_s
+    while True:
+        found = [x for x in lines[after:] if words in x]
+        if found:
+            return found[0]
+        assert proc.poll() is None, "".join(lines[-20:])
+        assert time.time() < end, "".join(lines[-20:])
+        time.sleep(0.2)
+
+
+def check_sighup_rereads_the_token_dir(proc, lines: list[str], port: int, tokens: Path, bundle):
+    """The directory is rewritten with one more class, then moved away: SIGHUP applies the
+    first in the running replica and reports the second, which leaves the first serving."""
+    pid = requests.get(f"http://127.0.0.1:{port}/v1/stats", timeout=30).json()["pid"]
+    assert sorted(_classify(port)["labels"]) == ["a0", "a1", "a2"]
+    random_token_set(bundle, tokens, ["a0", "a1", "a2", "a3"], seed=5)
+    n = len(lines)
+    os.kill(proc.pid, signal.SIGHUP)
+    assert "default (4 classes)" in _wait_line(lines, "token sets applied", n, proc)
+    assert sorted(_classify(port)["labels"]) == ["a0", "a1", "a2", "a3"]
+    tokens.rename(tokens.with_name("moved-away"))
+    n = len(lines)
+    os.kill(proc.pid, signal.SIGHUP)
+    assert "not a token directory" in _wait_line(lines, "not applied", n, proc)
+    assert sorted(_classify(port)["labels"]) == ["a0", "a1", "a2", "a3"]
+    health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
+    assert health["status"] == "degraded" and "not a token directory" in health["token_sets_error"]
+    assert requests.get(f"http://127.0.0.1:{port}/v1/stats", timeout=30).json()["pid"] == pid
 
 
 def test_is_loopback_reads_ss_addresses():
@@ -131,6 +177,8 @@ def test_serve_binds_loopback_only_with_token_auth_and_stops_cleanly(tmp_path, t
             environ = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
             assert b"RAY_AUTH_MODE=token" in environ, p
         assert any("token auth on" in x and "0600" in x for x in lines)
+        if stop == signal.SIGTERM:  # one of the two runs: each start costs half a minute
+            check_sighup_rereads_the_token_dir(proc, lines, port, tokens, tiny_bundle)
 
         os.kill(proc.pid, stop)  # to the server alone, as a process manager sends it
         assert proc.wait(timeout=120) == 0, "".join(lines[-20:])
