@@ -46,6 +46,16 @@ def test_x0_is_clipped_in_pixel_space_only(tiny_bundle):
     assert len(pixel.timesteps) == 4
 
 
+def test_latent_models_keep_deterministic_ddim(tiny_bundle):
+    """eta defaults to 0 with a VAE (the behaviour before pixel-space models got eta = 1)."""
+    tokens, table = _tokens(tiny_bundle, ["cat"])
+    default = generate(tiny_bundle, tokens, table, 0, n=2, steps=3)
+    assert torch.equal(default, generate(tiny_bundle, tokens, table, 0, n=2, steps=3, eta=0.0))
+    assert not torch.allclose(
+        default, generate(tiny_bundle, tokens, table, 0, n=2, steps=3, eta=1.0)
+    )
+
+
 def test_noise_measure_on_tiny_random_samples(tiny_bundle):
     """Documented properties on real sampler output: one share per image in [0, 1], above
     white noise's ~0.8 never, and no sample counts as noise against itself as reference."""
