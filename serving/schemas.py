@@ -76,9 +76,9 @@ class GenerateRequest(BaseModel):
     token_set: str | None = None
     n: int = Field(1, ge=1, le=4, description="Images in the grid.")
     steps: int = Field(
-        25, ge=1, description="DDIM steps (at most the server's max_generate_steps)."
+        15, ge=1, description="DDIM steps (at most the server's max_generate_steps)."
     )
-    guidance: float = Field(5.0, ge=0, le=30, description="Classifier-free guidance scale.")
+    guidance: float = Field(3.0, ge=0, le=30, description="Classifier-free guidance scale.")
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
