@@ -214,7 +214,7 @@ def load_model(
 
 def embedded_model_dir() -> Path:
     """Where the model shipped with the package lives."""
-    path = Path(__file__).parent / "assets" / "embedded-model"
+    path = Path(__file__).parents[1] / "assets" / "embedded-model"
     if not (path / "model_index.json").is_file():
         raise UserError(f"the embedded model is missing at {path}; reinstall mcti")
     return path
