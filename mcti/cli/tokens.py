@@ -32,7 +32,7 @@ def run(a) -> None:
 
 def summary(s: StoredTokens, path: str) -> dict:
     """What `info` shows: the set's shape, base model, how it was trained, its edits."""
-    meta, past = s.meta, history(s.meta)
+    meta, past = s.meta, history(s.meta, s.labels)
     return {
         "path": path,
         "classes": len(s.labels),

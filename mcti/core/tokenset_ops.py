@@ -12,12 +12,13 @@ from mcti.errors import UserError
 RUN_KEYS = ("method", "reg", "steps", "settings", "data_root", "train_files", "trainer")
 
 
-def history(meta: dict) -> list[dict]:
-    """The history of a set: its own, or (a set from one `mcti train` run) that run."""
+def history(meta: dict, labels: list[str] | None = None) -> list[dict]:
+    """The history of a set: its own, or (a set from one `mcti train` run, whose classes are
+    `labels`, by default those of classes.json) that run."""
     if isinstance(meta.get("history"), list):
         return [dict(h) for h in meta["history"]]
     run = {k: meta[k] for k in RUN_KEYS if k in meta}
-    return [{"op": "train", "labels": list(meta["classes"]), **run}]
+    return [{"op": "train", "labels": list(meta["classes"]) if labels is None else labels, **run}]
 
 
 def _shown(labels) -> str:
@@ -64,7 +65,7 @@ def merge(sets: list[StoredTokens], names: list[str] | None = None) -> StoredTok
         )
     vectors = {label: v for s in sets for label, v in s.vectors.items()}
     arrays = {label: dict(a) for s in sets for label, a in s.arrays.items()}
-    past = [h for s in sets for h in history(s.meta)]
+    past = [h for s in sets for h in history(s.meta, s.labels)]
     entry = {"op": "merge", "sets": names, "labels": [s.labels for s in sets]}
     return StoredTokens(edited_meta(first.meta, past + [entry]), vectors, arrays)
 
@@ -80,7 +81,7 @@ def remove(s: StoredTokens, labels: list[str]) -> StoredTokens:
     vectors = {k: v for k, v in s.vectors.items() if k not in drop}
     arrays = {k: dict(a) for k, a in s.arrays.items() if k not in drop}
     entry = {"op": "remove", "labels": [x for x in s.labels if x in drop]}
-    return StoredTokens(edited_meta(s.meta, history(s.meta) + [entry]), vectors, arrays)
+    return StoredTokens(edited_meta(s.meta, history(s.meta, s.labels) + [entry]), vectors, arrays)
 
 
 def rename(s: StoredTokens, mapping: dict[str, str]) -> StoredTokens:
@@ -99,7 +100,7 @@ def rename(s: StoredTokens, mapping: dict[str, str]) -> StoredTokens:
     vectors = {mapping.get(k, k): v for k, v in s.vectors.items()}
     arrays = {mapping.get(k, k): dict(a) for k, a in s.arrays.items()}
     entry = {"op": "rename", "map": {k: v for k, v in mapping.items() if k != v}}
-    return StoredTokens(edited_meta(s.meta, history(s.meta) + [entry]), vectors, arrays)
+    return StoredTokens(edited_meta(s.meta, history(s.meta, s.labels) + [entry]), vectors, arrays)
 
 
 def edited_meta(meta: dict, past: list[dict]) -> dict:

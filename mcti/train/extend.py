@@ -131,7 +131,7 @@ class Extension:
             **run,
         }
         base = {k: v for k, v in old.meta.items() if k not in RUN_KEYS}
-        return StoredTokens(edited_meta(base, history(old.meta) + [entry]), vectors, arrays)
+        return StoredTokens(edited_meta(base, history(old.meta, old.labels) + [entry]), vectors, arrays)
 
 
 def old_class_images(plan: ExtendPlan, size: int) -> dict[int, torch.Tensor]:
@@ -139,7 +139,7 @@ def old_class_images(plan: ExtendPlan, size: int) -> dict[int, torch.Tensor]:
     folders OLD's history records (for --reg clip, whose negatives are images)."""
     frozen = set(plan.old.labels) - set(plan.replaced)
     found: dict[str, list[torch.Tensor]] = {}
-    for h in history(plan.old.meta):
+    for h in history(plan.old.meta, plan.old.labels):
         if h.get("op") not in ("train", "extend") or not h.get("data_root"):
             continue
         root = Path(h["data_root"])
