@@ -131,7 +131,9 @@ class Extension:
             **run,
         }
         base = {k: v for k, v in old.meta.items() if k not in RUN_KEYS}
-        return StoredTokens(edited_meta(base, history(old.meta, old.labels) + [entry]), vectors, arrays)
+        return StoredTokens(
+            edited_meta(base, history(old.meta, old.labels) + [entry]), vectors, arrays
+        )
 
 
 def old_class_images(plan: ExtendPlan, size: int) -> dict[int, torch.Tensor]:
