@@ -42,10 +42,12 @@ def summary(s: StoredTokens, path: str) -> dict:
         "reg": meta.get("reg"),
         "steps": meta.get("steps"),
         "settings": meta.get("settings"),
+        "data_root": meta.get("data_root"),
         "train_files": len(meta.get("train_files", [])),
         "class_arrays": sorted({name for a in s.arrays.values() for name in a}),
         "history": [
             {k: v for k, v in h.items() if k not in ("settings", "train_files", "trainer")}
+            | ({"n_train_files": len(h["train_files"])} if "train_files" in h else {})
             for h in past
         ],
     }
@@ -71,7 +73,7 @@ def info(a: TokensInfoArgs) -> None:
     keys = ("shots", "lr", "batch_size", "negatives", "gamma", "tau", "seed", "data", "extend")
     shown = [f"{k}={settings[k]}" for k in keys if settings.get(k) not in (None, "")]
     print(f"settings    {' '.join(shown) or '-'}")
-    print(f"shots       {out['train_files']} training image(s) recorded")
+    print(f"shots       {out['train_files']} training image(s) under {out['data_root']}")
     if out["class_arrays"]:
         print(f"arrays      {', '.join(out['class_arrays'])} (per class)")
     for i, h in enumerate(out["history"], 1):
@@ -92,6 +94,8 @@ def info(a: TokensInfoArgs) -> None:
                 line += f" (retrained {_show_labels(h['replaced'])})"
             if h["op"] == "merge":
                 line += f" from {', '.join(h.get('sets', []))}"
+            if h["op"] in ("train", "extend"):
+                line += f" ({h.get('n_train_files', 0)} images, {h.get('steps')} steps)"
         print(f"history {i:<3} {line}")
 
 
