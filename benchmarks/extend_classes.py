@@ -9,11 +9,13 @@ CPU time of the extension vs scratch (same process, one thread each; on a shared
 time is the comparable one).
 
     nice python benchmarks/extend_classes.py --seeds 0,1,2 --out runs/extend
+    nice python benchmarks/extend_classes.py --seeds 0,1,2 --extend-steps 20 --out runs/extend20
 """
 
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--per-class", type=int, default=50, help="test images per class")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--extend-steps", type=int, help="steps of the extension (default: --steps)")
     ap.add_argument("--reg", default="clip")
     ap.add_argument("--out", default="runs/extend")
     a = ap.parse_args()
@@ -77,8 +80,9 @@ def main() -> None:
         f = folders(root, seed, a.shots, a.per_class, a.old)
         old_labels = {p.name for p in f["old"].iterdir()}
         new_labels = {p.name for p in f["new"].iterdir()}
-        common = dict(model="embedded", device="cpu", reg=a.reg, shots=a.shots, steps=a.steps,
-                      seed=seed, save_every=a.steps, quiet=True)  # fmt: skip
+        common = dict(
+            model="embedded", device="cpu", reg=a.reg, shots=a.shots, seed=seed, quiet=True
+        )
         times = {}
         for name, data, extend in (
             ("old", f["old"], None),
@@ -86,7 +90,9 @@ def main() -> None:
             ("scratch", f["train"], None),
         ):
             t, cpu = time.perf_counter(), time.process_time()
-            train(TrainArgs(data=str(data), out=str(root / f"tok-{name}"), extend=extend, **common), bundle)  # fmt: skip
+            steps = a.extend_steps or a.steps if extend else a.steps
+            cfg = TrainArgs(data=str(data), out=str(root / f"tok-{name}"), extend=extend, **common)
+            train(replace(cfg, steps=steps, save_every=steps), bundle)
             times[name] = time.perf_counter() - t
             times[f"{name}_cpu"] = time.process_time() - cpu  # blind to other jobs' load
         row = {
