@@ -4,7 +4,8 @@
   bounds and checks are applied while parsing, so `--scorer knn` or `--shots 0` fail at once
   with one line `mcti <cmd>: error: --scorer must be one of ...`.
 - A field whose default is "" is a required option; metadata {"positional": True} makes a
-  field a positional argument (one value, or one or more for a list field), {"flag": "--x"} names its flag, {"cli": False} leaves it out.
+  field a positional argument (one value; one or more for a list field), {"flag": "--x"}
+  names its flag, {"cli": False} leaves it out.
   A bool defaulting to True is turned off by its flag.
 - A dataclass with a `given` field gets no argparse defaults: `to_dataclass` fills in the
   dataclass defaults and records in `given` which settings the command line set, so a command

@@ -3,6 +3,8 @@
 The pieces (`prepare`, `batch_of_shots`, `batch_loss`, `run_fingerprint`, `export`) are shared
 with the DeepSpeed loop in `training/`, which runs the same objective on shards of the same
 global batch; the checkpoint, run log and output-directory guards are in this package too.
+With --extend (mcti/train/extend.py) the table trains the new classes only, and the text encoder
+reads it joined with the old set's frozen rows (`full_table`).
 """
 
 import json
