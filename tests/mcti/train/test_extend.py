@@ -64,6 +64,13 @@ def test_extend_learns_new_labels_and_keeps_old_tokens_bit_identical(old_set, tm
     assert len(ext["train_files"]) == 4 and ext["data_root"] == str(new_data.resolve())
     assert meta["method"] == "mcti" and meta["steps"] == 3  # the first run's, as before
     assert meta["data_root"] == str(old_data.resolve()) and len(meta["train_files"]) == 6
+    # mcti eval leaves out the extension's shots too (they are in the history)
+    from mcti.data.folders import scan_folder
+    from mcti.eval.evaluate import eval_indices
+
+    data = scan_folder(new_data)
+    kept = {data.paths[i] for i in eval_indices(data, meta, False, 0)}
+    assert len(kept) == 2 and not kept & set(ext["train_files"])
     # it loads and classifies like any set
     bundle = load_model("tiny-random", device="cpu")
     tokens, table, labels, _ = load_tokens(out, bundle)
