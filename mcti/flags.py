@@ -3,8 +3,9 @@
 - A field's docstring is its --help text; `Literal` choices become `choices`, and choices,
   bounds and checks are applied while parsing, so `--scorer knn` or `--shots 0` fail at once
   with one line `mcti <cmd>: error: --scorer must be one of ...`.
-- A field whose default is "" is a required option; metadata {"positional": True} makes a list
-  field a positional argument, {"flag": "--x"} names its flag, {"cli": False} leaves it out.
+- A field whose default is "" is a required option; metadata {"positional": True} makes a
+  field a positional argument (one value; one or more for a list field), {"flag": "--x"}
+  names its flag, {"cli": False} leaves it out.
   A bool defaulting to True is turned off by its flag.
 - A dataclass with a `given` field gets no argparse defaults: `to_dataclass` fills in the
   dataclass defaults and records in `given` which settings the command line set, so a command
@@ -73,7 +74,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         tp, _, _ = types_[f.name]
         help_ = docs.get(f.name, "")
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="+", metavar=f.name.rstrip("s").upper(), help=help_)
+            nargs = "+" if typing.get_origin(tp) is list else None  # a str field: one value
+            parser.add_argument(f.name, nargs=nargs, metavar=f.name.rstrip("s").upper(), help=help_)
             continue
         flag = flag_of(f)
         extra = {"default": argparse.SUPPRESS} if suppress else {}

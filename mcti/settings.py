@@ -310,6 +310,10 @@ class TrainArgs(ObjectiveSettings, OptimSettings, ModelArgs):
     """No progress bar."""
     nproc: AtLeast1 = 1
     """Data-parallel processes on this machine (>1 runs the DeepSpeed trainer via torchrun)."""
+    extend: str | None = None
+    """Extend this token directory: learn tokens only for the labels of --data it lacks (the old tokens stay frozen, bit for bit, and serve as negatives) and write the merged set to --out. Same base model as the old set (its model is the default)."""
+    replace: bool = False
+    """--extend: retrain the labels of --data that the old set already has (refused without it); the other old classes stay frozen."""
 
 
 @dataclass
@@ -558,3 +562,71 @@ class PretrainArgs(Settings):
     """Tiny smoke-test setting (seconds): few steps, small data, tiny networks."""
     quiet: bool = False
     """No progress bars."""
+
+
+@dataclass
+class TokensInfoArgs(Settings):
+    """show a token set's labels count, base model, method and settings, shots and history"""
+
+    tokens: str = field(default="", metadata={"positional": True})
+    """Token directory."""
+    json: bool = False
+    """Print one JSON object instead of text."""
+
+
+@dataclass
+class TokensListArgs(Settings):
+    """print a token set's labels, one per line"""
+
+    tokens: str = field(default="", metadata={"positional": True})
+    """Token directory."""
+    json: bool = False
+    """Print a JSON list instead of lines."""
+
+
+@dataclass
+class TokensMergeArgs(Settings):
+    """merge token sets trained on the same base model into one (no label in two sets)"""
+
+    tokens: list[str] = field(default_factory=list, metadata={"positional": True})
+    """Two or more token directories; their classes are kept in this order."""
+    out: OutDir = ""
+    """Output token directory (must not hold files yet)."""
+
+
+@dataclass
+class TokensRemoveArgs(Settings):
+    """write a token set without some of its classes"""
+
+    tokens: str = field(default="", metadata={"positional": True})
+    """Token directory."""
+    labels: list[str] = field(default_factory=list)
+    """Labels to remove, comma-separated or one per argument (x,y or x y)."""
+    out: OutDir = ""
+    """Output token directory (must not hold files yet)."""
+
+
+@dataclass
+class TokensRenameArgs(Settings):
+    """write a token set with some labels renamed"""
+
+    tokens: str = field(default="", metadata={"positional": True})
+    """Token directory."""
+    mapping: list[str] = field(default_factory=list, metadata={"flag": "--map"})
+    """Renames OLD=NEW, comma-separated or one per argument."""
+    out: OutDir = ""
+    """Output token directory (must not hold files yet)."""
+
+
+@dataclass
+class TokensArgs(Settings):
+    """`mcti tokens SUBCOMMAND`: inspect and edit token directories (mcti/cli/tokens.py). The
+    CLI builds one parser per subcommand from these classes."""
+
+    SUBCOMMANDS: ClassVar[dict[str, type]] = {
+        "info": TokensInfoArgs,
+        "list": TokensListArgs,
+        "merge": TokensMergeArgs,
+        "remove": TokensRemoveArgs,
+        "rename": TokensRenameArgs,
+    }

@@ -88,6 +88,10 @@ def preflight(args: DistTrainArgs, world_size: int) -> ds_config.Resolved:
             raise UserError(
                 f"{resolved.path} enables {half}, which needs CUDA; on CPU use a *_fp32 config"
             )
+    if args.extend:  # old set, labels, --replace: before any rank loads the model
+        from mcti.train.extend import check_extension  # torch: only when extending
+
+        check_extension(args)
     ckpt = Path(args.out) / "checkpoint"
     if (ckpt / "state.json").is_file():
         raise UserError(

@@ -30,7 +30,16 @@ from tqdm import tqdm
 from mcti.core.objectives import shard_draws
 from mcti.core.tokens import TokenTable
 from mcti.settings import TrainArgs
-from mcti.train.loop import Prepared, batch_loss, batch_of_shots, export, prepare, run_fingerprint
+from mcti.train.extend import JoinedTable
+from mcti.train.loop import (
+    Prepared,
+    batch_loss,
+    batch_of_shots,
+    export,
+    full_table,
+    prepare,
+    run_fingerprint,
+)
 from mcti.train.outdir import lock_out_dir
 from mcti.train.runlog import RunLog
 from training.checkpoint import DistCheckpoint
@@ -62,7 +71,7 @@ class SimilarityRows:
         self.unit, self.temperature = unit, temperature  # (K, n * d) unit rows, CPU
 
     @classmethod
-    def of(cls, table: TokenTable, temperature: float) -> "SimilarityRows":
+    def of(cls, table: TokenTable | JoinedTable, temperature: float) -> "SimilarityRows":
         v = table.per_class().detach().float().flatten(1)  # (K, n * d)
         unit = nn.functional.normalize(v - v.mean(0), dim=1)
         if dist.is_initialized():  # every rank must draw the same negatives: use rank 0's rows
@@ -214,7 +223,7 @@ def optimizer_step(r: Rank, step: int) -> dict[str, float]:
     metrics averaged over ranks."""
     a = r.args
     if a.hard_negatives and (r.hard is None or step % a.hard_refresh == 0):
-        r.hard = SimilarityRows.of(r.p.table, a.hard_temperature)
+        r.hard = SimilarityRows.of(full_table(r.p), a.hard_temperature)  # frozen classes too
     batch = draw_batch(r.p, a.batch_size, r.gen, r.hard)
     G, totals = r.resolved.grad_accum, {}
     for g in range(G):

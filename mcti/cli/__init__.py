@@ -34,6 +34,11 @@ COMMANDS = {
         "SynthArgs",
         "write a many-class synthetic image set (glyphs x colours), regenerable by seed",
     ),
+    "tokens": (
+        "mcti.cli.tokens",
+        "TokensArgs",
+        "inspect and edit token sets: info, list, merge, remove, rename",
+    ),
 }
 
 
@@ -69,8 +74,19 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, _, help_) in (commands or _commands()).items():
         p = sub.add_parser(name, help=help_, description=help_)
-        add_dataclass_args(p, cls)
-        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose)
+        parsers = [(p, cls)]
+        subs = getattr(cls, "SUBCOMMANDS", None)
+        if subs:  # a command with subcommands (`mcti tokens info`): a settings class each
+            inner = p.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+            parsers = [
+                (inner.add_parser(s, help=c.__doc__, description=c.__doc__), c)
+                for s, c in subs.items()
+            ]
+        for p, cls in parsers:
+            add_dataclass_args(p, cls)
+            p.add_argument(
+                "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose
+            )
     return parser
 
 
@@ -83,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_process(verbose=ns.verbose)
     cls, module, _ = commands[ns.command]
     prog = f"mcti {ns.command}"
+    if getattr(cls, "SUBCOMMANDS", None):
+        cls, prog = cls.SUBCOMMANDS[ns.subcommand], f"{prog} {ns.subcommand}"
     try:
         a = to_dataclass(cls, ns)
         check_outputs(a)

@@ -13,5 +13,5 @@ def run(a: TrainArgs) -> None:
 
     p = train(a)
     print(
-        f"wrote {len(p.data.classes)} class tokens to {a.out}/learned_embeds.safetensors and {a.out}/classes.json"
+        f"wrote {p.tokens.num_classes} class tokens to {a.out}/learned_embeds.safetensors and {a.out}/classes.json"
     )

@@ -1,8 +1,21 @@
-"""The token directory: `learned_embeds.safetensors` (diffusers textual-inversion format,
-`{token: (n_vectors, d)}`, one entry per class) and `classes.json` (label -> token, base model
-fingerprint, method and settings, the training images)."""
+"""The token directory:
+
+    learned_embeds.safetensors   {token: (n_vectors, d)}, one entry per class (diffusers'
+                                 textual-inversion format: loads with load_textual_inversion)
+    classes.json                 label -> token, base model fingerprint, method and settings,
+                                 the training images, the history of extensions and edits
+    class_arrays.safetensors     optional per-class arrays {"<token>/<name>": tensor} (e.g. the
+                                 CLIP features of a class's shots): kept out of the embeddings
+                                 file so that file stays a plain token file
+
+`StoredTokens` is a set as plain tensors keyed by label (no model needed): `read_tokens` and
+`write_tokens` move it to and from disk, and mcti/core/tokenset_ops.py edits it (merge, remove,
+rename), per-class arrays travelling with their class. Tokens are written as `<mcti-k>` for the
+k-th label, so an edited set is numbered afresh; classes.json says which token is which label.
+"""
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +30,43 @@ from mcti.errors import UserError
 FORMAT = "mcti-tokens/1"
 EMBEDS = "learned_embeds.safetensors"
 CLASSES = "classes.json"
+CLASS_ARRAYS = "class_arrays.safetensors"
+
+
+@dataclass
+class StoredTokens:
+    """A token set as stored: classes.json's content, and per label its (n, d) vectors and
+    named arrays. `meta["classes"]` (label -> token) is rewritten by `write_tokens`."""
+
+    meta: dict
+    vectors: dict[str, torch.Tensor]  # label -> (n_vectors, d), in class order
+    arrays: dict[str, dict[str, torch.Tensor]] = field(
+        default_factory=dict
+    )  # label -> name -> array
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.vectors)
+
+
+def write_tokens(out: str | Path, s: StoredTokens) -> None:
+    """Write a set atomically file by file: arrays and embeddings first; classes.json, written
+    last, marks a complete set (and names each label's token `<mcti-k>`, k its position)."""
+    out = Path(out)
+    tokens = {label: token_string(k) for k, label in enumerate(s.vectors)}
+    arrays = {
+        f"{tokens[label]}/{name}": a.detach().float().cpu()
+        for label, named in s.arrays.items()
+        for name, a in named.items()
+    }
+    if arrays:
+        atomic_save_safetensors(out / CLASS_ARRAYS, arrays)
+    else:
+        (out / CLASS_ARRAYS).unlink(missing_ok=True)
+    atomic_save_safetensors(
+        out / EMBEDS, {tokens[label]: v.detach().float().cpu() for label, v in s.vectors.items()}
+    )
+    atomic_write_json(out / CLASSES, {**s.meta, "classes": tokens})
 
 
 def save_tokens(
@@ -25,13 +75,11 @@ def save_tokens(
     labels: list[str],
     bundle: ModelBundle,
     extra: dict | None = None,
+    arrays: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write both files atomically (embeddings first; classes.json marks a complete set)."""
-    out = Path(out)
+    """Write a trained table (class k = labels[k]) for `bundle`; `extra` goes into classes.json,
+    `arrays` (label -> name -> tensor) into class_arrays.safetensors."""
     vectors = table.per_class().detach().float().cpu()  # (K, n, d)
-    atomic_save_safetensors(
-        out / EMBEDS, {token_string(k): vectors[k].clone() for k in range(len(labels))}
-    )
     meta = {
         "format": FORMAT,
         "base_model": {
@@ -40,10 +88,11 @@ def save_tokens(
             "hidden_size": bundle.hidden_size,
         },
         "n_vectors": table.n_vectors,
-        "classes": {label: token_string(k) for k, label in enumerate(labels)},
+        "classes": {},
         **(extra or {}),
     }
-    atomic_write_json(out / CLASSES, meta)
+    rows = {label: vectors[k].clone() for k, label in enumerate(labels)}
+    write_tokens(out, StoredTokens(meta, rows, arrays or {}))
 
 
 def read_meta(path: str | Path) -> dict:
@@ -76,41 +125,69 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_tokens(
-    path: str | Path, bundle: ModelBundle
-) -> tuple[TokenSet, TokenTable, list[str], dict]:
-    """Load a token directory for `bundle`; refuse tokens trained on another base model."""
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is corrupt: {e}") from e
+
+
+def read_tokens(path: str | Path) -> StoredTokens:
+    """A token directory as plain tensors (no model needed), every entry checked."""
     path = Path(path)
     meta = read_meta(path)
+    sd = _load_safetensors(path / EMBEDS)
+    shape = (meta["n_vectors"], meta["base_model"]["hidden_size"])
+    vectors = {}
+    for label, tok in meta["classes"].items():
+        if tok not in sd or tuple(sd[tok].shape) != shape:
+            raise UserError(f"{path / EMBEDS}: entry for {tok} missing or of the wrong shape")
+        vectors[label] = sd[tok].float()
+    arrays: dict[str, dict[str, torch.Tensor]] = {}
+    if (path / CLASS_ARRAYS).is_file():
+        label_of = {tok: label for label, tok in meta["classes"].items()}
+        for key, a in _load_safetensors(path / CLASS_ARRAYS).items():
+            tok, _, name = key.partition("/")
+            if tok in label_of and name:  # an array of no class of the set is dropped
+                arrays.setdefault(label_of[tok], {})[name] = a
+    return StoredTokens(meta, vectors, arrays)
+
+
+def check_base_model(meta: dict, bundle: ModelBundle, where: str | Path) -> None:
+    """Refuse tokens trained on another base model than `bundle`, naming both."""
     base = meta["base_model"]
     if base["hidden_size"] != bundle.hidden_size:
         raise UserError(
-            f"tokens in '{path}' have width {base['hidden_size']} but model '{bundle.spec}' has "
+            f"tokens in '{where}' have width {base['hidden_size']} but model '{bundle.spec}' has "
             f"{bundle.hidden_size}: they were trained on another base model ({base['spec']})"
         )
     if base["fingerprint"] != bundle.fingerprint:
         raise UserError(
-            f"tokens in '{path}' were trained on base model {base['spec']} (fingerprint "
+            f"tokens in '{where}' were trained on base model {base['spec']} (fingerprint "
             f"{base['fingerprint']}), not on '{bundle.spec}' ({bundle.fingerprint})"
         )
-    labels = list(meta["classes"])
-    try:
-        sd = load_file(str(path / EMBEDS))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path / EMBEDS} is corrupt: {e}") from e
-    n = meta["n_vectors"]
-    rows = []
-    for label in labels:
-        tok = meta["classes"][label]
-        if tok not in sd or tuple(sd[tok].shape) != (n, bundle.hidden_size):
-            raise UserError(f"{path / EMBEDS}: entry for {tok} missing or of the wrong shape")
-        rows.append(sd[tok].float())
-    tokens = TokenSet(bundle, len(labels), n)
-    table = TokenTable(len(labels), n, torch.zeros(bundle.hidden_size))
+
+
+def table_of(s: StoredTokens, bundle: ModelBundle) -> tuple[TokenSet, TokenTable]:
+    """The TokenSet and (frozen) TokenTable of a stored set, on `bundle`'s device."""
+    n = s.meta["n_vectors"]
+    tokens = TokenSet(bundle, len(s.vectors), n)
+    table = TokenTable(len(s.vectors), n, torch.zeros(bundle.hidden_size))
     with torch.no_grad():
-        table.vectors.copy_(torch.stack(rows).reshape(-1, bundle.hidden_size))
+        table.vectors.copy_(torch.stack(list(s.vectors.values())).reshape(-1, bundle.hidden_size))
     table.to(bundle.device).requires_grad_(False)
-    return tokens, table, labels, meta
+    return tokens, table
+
+
+def load_tokens(
+    path: str | Path, bundle: ModelBundle
+) -> tuple[TokenSet, TokenTable, list[str], dict]:
+    """Load a token directory for `bundle`; refuse tokens trained on another base model."""
+    meta = read_meta(path)
+    check_base_model(meta, bundle, path)  # before reading the tensors: the clearer error
+    s = read_tokens(path)
+    tokens, table = table_of(s, bundle)
+    return tokens, table, s.labels, s.meta
 
 
 def label_index(labels: list[str], label: str) -> int:

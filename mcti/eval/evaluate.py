@@ -96,8 +96,10 @@ def evaluate(
 def eval_indices(data: ImageFolder, meta: dict, include_train: bool, limit: int) -> list[int]:
     """All images, minus those the tokens were trained on (when the folder is the same)."""
     train = set()
-    if not include_train and Path(meta.get("data_root", "")) == data.root.resolve():
-        train = set(meta.get("train_files", []))
+    runs = [] if include_train else [meta, *meta.get("history", [])]  # + extensions, merges
+    for run in runs:
+        if Path(run.get("data_root", "")) == data.root.resolve():
+            train |= set(run.get("train_files", []))
     chosen, per_class = [], {}
     for i, p in enumerate(data.paths):
         if p in train:

@@ -3,6 +3,8 @@
 The pieces (`prepare`, `batch_of_shots`, `batch_loss`, `run_fingerprint`, `export`) are shared
 with the DeepSpeed loop in `training/`, which runs the same objective on shards of the same
 global batch; the checkpoint, run log and output-directory guards are in this package too.
+With --extend (mcti/train/extend.py) the table trains the new classes only, and the text encoder
+reads it joined with the old set's frozen rows (`full_table`).
 """
 
 import json
@@ -15,13 +17,14 @@ from tqdm import tqdm
 
 from mcti.core.model import ModelBundle, load_model
 from mcti.core.objectives import Objective, ObjectiveSettings, sample_draws
-from mcti.core.store import save_tokens
+from mcti.core.store import read_meta, save_tokens, write_tokens
 from mcti.core.tokens import TokenSet, TokenTable
 from mcti.data.coop import open_dataset, pick_shots
 from mcti.data.folders import ImageFolder, load_shots
 from mcti.errors import UserError
 from mcti.settings import TrainArgs, check_settings, part
 from mcti.train.checkpoint import Checkpoint
+from mcti.train.extend import Extension, JoinedTable, old_class_images, plan_extension
 from mcti.train.outdir import lock_out_dir, refuse_unless_resume
 from mcti.train.runlog import RunLog
 
@@ -43,18 +46,20 @@ class Prepared:
     labels: torch.Tensor  # (N,) class of each shot
     latents: torch.Tensor  # (2, N, C, h, w): unflipped, flipped
     image_embeds: torch.Tensor | None  # (N, P) CLIP embeddings (clip reg)
-    tokens: TokenSet
-    table: TokenTable
+    tokens: TokenSet  # every class of the output set
+    table: TokenTable  # the trained classes (all, unless extending)
     objective: Objective
+    extension: Extension | None = None  # --extend: the frozen classes and where they go
 
 
 def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = False) -> Prepared:
     settings = settings_of(cfg)
-    data = open_dataset(cfg.data, "train")
-    if bundle is None:
-        bundle = load_model(
-            cfg.model or "embedded", cfg.device, cfg.precision, cfg.attention, cfg.clip
-        )
+    data = open_dataset(cfg.data, "train", min_classes=1 if cfg.extend else 2)
+    plan = plan_extension(cfg, data.classes) if cfg.extend else None
+    if bundle is None:  # an extension runs on its old set's model unless told
+        spec = cfg.model or (read_meta(cfg.extend)["base_model"]["spec"] if plan else "embedded")
+        bundle = load_model(spec, cfg.device, cfg.precision, cfg.attention, cfg.clip)
+    extension = Extension.of(plan, bundle) if plan else None
     if settings.method == "mcti" and settings.reg == "clip":
         bundle.require_clip()
     picked = pick_shots(data, cfg.shots, cfg.seed)  # CoOp's sampling for coop: specs
@@ -64,6 +69,9 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
     missing = sorted(set(range(len(data.classes))) - set(labels.tolist()))
     if missing:
         raise UserError(f"class '{data.classes[missing[0]]}' has no readable image")
+    classes = plan.labels if plan else data.classes  # the output set's classes
+    if plan:  # class index in --data -> in the merged set
+        labels = torch.tensor(plan.trained)[labels]
     with torch.no_grad():
         latents = torch.stack(
             [_encode_chunked(bundle, pixels), _encode_chunked(bundle, pixels.flip(-1))]
@@ -71,12 +79,16 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
     image_embeds = class_embeds = counts = None
     if settings.method == "mcti" and settings.reg == "clip":
         image_embeds = bundle.clip_image_features(pixels).cpu()
-        K = len(data.classes)
-        counts = torch.bincount(labels, minlength=K)
-        class_embeds = torch.zeros(K, int(counts.max()), image_embeds.shape[1])
+        per_class = {k: image_embeds[labels == k] for k in labels.unique().tolist()}
+        if plan:  # the frozen classes are negatives too: embed their training images
+            old = old_class_images(plan, bundle.resolution)
+            per_class.update({k: bundle.clip_image_features(x).cpu() for k, x in old.items()})
+        K = len(classes)
+        counts = torch.tensor([len(per_class[k]) for k in range(K)])
+        class_embeds = torch.zeros(K, int(counts.max()), image_embeds.shape[1])  # (K, S, P)
         for k in range(K):
-            class_embeds[k, : counts[k]] = image_embeds[labels == k]
-    tokens = TokenSet(bundle, len(data.classes), cfg.n_vectors)
+            class_embeds[k, : counts[k]] = per_class[k]
+    tokens = TokenSet(bundle, len(classes), cfg.n_vectors)
     table = TokenTable(len(data.classes), cfg.n_vectors, tokens.init_vector(cfg.init_word))
     table.to(bundle.device)
     objective = Objective(bundle, tokens, settings, class_embeds, counts)
@@ -90,6 +102,7 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
         tokens,
         table,
         objective,
+        extension,
     )
 
 
@@ -126,7 +139,12 @@ def batch_loss(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:
     x0 = p.latents[batch["flip"].long(), idx].to(p.bundle.device)  # (B, C, h, w)
     embeds = p.image_embeds[idx] if p.image_embeds is not None else None
     draws = {k: v for k, v in batch.items() if k not in ("idx", "labels")}
-    return p.objective.loss(p.table, x0, batch["labels"], draws, embeds)
+    return p.objective.loss(full_table(p), x0, batch["labels"], draws, embeds)
+
+
+def full_table(p: Prepared) -> TokenTable | JoinedTable:
+    """Every class's vectors, as the text encoder reads them (frozen ones too, extending)."""
+    return p.table if p.extension is None else p.extension.joined(p.table)
 
 
 def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
@@ -135,30 +153,32 @@ def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
         k: v
         for k, v in asdict(cfg).items()
         if k not in ("steps", "save_every", "resume", "quiet", "out", "device")
+        and not (k in ("extend", "replace") and not v)  # off: the fingerprint of older runs
     }
-    return {
+    fp = {
         "config": json.dumps(keep, sort_keys=True),
         "base_model": p.bundle.fingerprint,
         "shots": json.dumps(p.shot_paths),
     }
+    if p.extension is not None:
+        fp["extended_set"] = p.extension.digest()
+    return fp
 
 
 def export(cfg: TrainArgs, p: Prepared, step: int, extra: dict | None = None) -> None:
-    save_tokens(
-        cfg.out,
-        p.table,
-        p.data.classes,
-        p.bundle,
-        {
-            "method": cfg.method,
-            "reg": cfg.reg if cfg.method == "mcti" else None,
-            "steps": step,
-            "settings": asdict(cfg),
-            "data_root": str(p.data.root.resolve()),
-            "train_files": p.shot_paths,
-            **(extra or {}),
-        },
-    )
+    run = {
+        "method": cfg.method,
+        "reg": cfg.reg if cfg.method == "mcti" else None,
+        "steps": step,
+        "settings": asdict(cfg),
+        "data_root": str(p.data.root.resolve()),
+        "train_files": p.shot_paths,
+        **(extra or {}),
+    }
+    if p.extension is not None:
+        write_tokens(cfg.out, p.extension.merged(p.table, run))
+        return
+    save_tokens(cfg.out, p.table, p.data.classes, p.bundle, run)
 
 
 def train(cfg: TrainArgs, bundle: ModelBundle | None = None) -> Prepared:
