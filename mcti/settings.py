@@ -241,6 +241,10 @@ class ScorerSettings(Settings):
     """Prompt used for each class token; {} becomes the token."""
     seed: int = 0
     """Seed of the (t, eps) grid; scores are deterministic for a seed (the server's are those of `mcti classify` with the same seed)."""
+    reject: Annotated[str, Check(reject_problem)] = "off"
+    """Open set: label an image `unknown` when its rejection score (mcti/core/openset.py) is below a threshold: off, auto (set on the training shots, leave-one-out, for --known-recall; saved with the tokens) or a number (the threshold itself; write a negative one as --reject=-2.5). The server: the default of a request's `reject`."""
+    known_recall: Annotated[float, Bounds(gt=0, le=1)] = 0.95
+    """--reject auto: fraction of known-class images to accept."""
 
 
 @dataclass
@@ -329,10 +333,6 @@ class ScoreArgs(ScorerSettings, ModelArgs):
     """Token directory written by `mcti train`."""
     batch_images: AtLeast1 = 16
     """Images scored together (their rows share UNet passes)."""
-    reject: Annotated[str, Check(reject_problem)] = "off"
-    """Open set: label an image `unknown` when its rejection score (mcti/core/openset.py) is below a threshold: off, auto (set on the training shots, leave-one-out, for --known-recall; saved with the tokens) or a number (the threshold itself)."""
-    known_recall: Annotated[float, Bounds(gt=0, le=1)] = 0.95
-    """--reject auto: fraction of known-class images to accept."""
 
 
 @dataclass

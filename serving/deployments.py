@@ -40,6 +40,7 @@ from serving.http import (
     short,
 )
 from serving.loopback import keep_replica_grpc_on_loopback
+from serving.openset import OpenSetRejection, open_set_fields
 from serving.schemas import (
     ClassifyResponse,
     GenerateRequest,
@@ -95,6 +96,7 @@ class MctiClassifier:
         self.collect.set_max_batch_size(cfg.max_batch_size)
         self.collect.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.ongoing: Counter = Counter()  # calls in this replica by method, for /v1/stats
+        self.open_set = OpenSetRejection(self.bundle, cfg, self.sets)
         log.info(
             "mcti classifier ready in %.1fs: model %s on %s, token sets %s, scorers %s",
             time.perf_counter() - t0,
@@ -130,6 +132,7 @@ class MctiClassifier:
             "batch_sizes": {str(n): c for n, c in sorted(sizes.items())},
             "max_batch_size": self.cfg.max_batch_size,
             "ongoing": {k: n for k, n in self.ongoing.items() if n},
+            **self.open_set.stats(),
         }
 
     async def classify(self, item: dict) -> dict:
@@ -157,9 +160,8 @@ class MctiClassifier:
             for (key, scorer), idx in groups.items():
                 labels = self.sets[key]["labels"]
                 t0 = time.perf_counter()
-                s = self.sets[key]["scorers"][scorer].score(
-                    to_pixels([items[i]["pixels"] for i in idx])
-                )
+                x = to_pixels([items[i]["pixels"] for i in idx])
+                s = self.sets[key]["scorers"][scorer].score(x)
                 ms = (time.perf_counter() - t0) * 1e3
                 ranking = s.ranking()  # (B, K)
                 for j, i in enumerate(idx):
@@ -172,6 +174,7 @@ class MctiClassifier:
                         "queue_ms": (start - items[i]["arrived"]) * 1e3,
                         "score_ms": ms,
                     }
+                self.open_set.apply(key, x, s, [items[i] for i in idx], [out[i] for i in idx])
         return out
 
     async def generate(
@@ -288,6 +291,7 @@ class Ingress:
             "token_set": key,
             "scorer": scorer,
             "top_k": req.top_k or cfg.top_k,
+            "reject": req.reject or cfg.reject,
         }
         r = await self._call("classify", item)
         t3 = time.perf_counter()
@@ -296,6 +300,7 @@ class Ingress:
             "scores": r["scores"],
             "token_set": key,
             "scorer": scorer,
+            **open_set_fields(r),
             "batch_size": r["batch_size"],
             "timings_ms": {
                 "parse": (t1 - t0) * 1e3,

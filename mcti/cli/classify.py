@@ -25,7 +25,9 @@ def run(a: ClassifyArgs) -> None:
     if a.reject != "off":
         from mcti.eval.openset import make_rejector
 
-        rejector = make_rejector(loaded, a.tokens, a.reject, a.known_recall)
+        rejector = make_rejector(
+            loaded.bundle, loaded.labels, loaded.meta, a.tokens, a.reject, a.known_recall
+        )
     x = torch.stack(pixels)  # (N, 3, H, W)
     s = score_all(loaded, x, a.batch_images, desc="classify", quiet=True)
     idx, scores = s.topk(a.top_k)
@@ -39,7 +41,7 @@ def run(a: ClassifyArgs) -> None:
     ]
     if rejector is not None:
         # "label": the best known label, or "unknown"; the known labels stay listed
-        rej = rejector.scores(loaded, x, s)
+        rej = rejector.scores(loaded.bundle, x, s)
         for r, v in zip(results, rej.tolist(), strict=True):
             r["label"] = r["labels"][0] if v >= rejector.threshold else "unknown"
             r["rejection_score"] = round(v, 6)

@@ -22,7 +22,12 @@ def run(a: EvalArgs) -> None:
         if a.unknown:
             image_tree(a.unknown)  # a wrong folder fails before any scoring
         rejector = make_rejector(
-            loaded, a.tokens, "auto" if a.reject == "off" else a.reject, a.known_recall
+            loaded.bundle,
+            loaded.labels,
+            loaded.meta,
+            a.tokens,
+            "auto" if a.reject == "off" else a.reject,
+            a.known_recall,
         )
     r = evaluate(loaded, data, idx, a.batch_images, quiet=a.json, rejector=rejector)
     if a.unknown:
@@ -58,7 +63,7 @@ def unknown_results(loaded, a: EvalArgs, rejector, known: dict) -> dict:
 
     pixels, skipped = load_tree(a.unknown, loaded.bundle.resolution)
     s = score_all(loaded, pixels, a.batch_images, desc="unknown", quiet=a.json)
-    unknown = rejector.scores(loaded, pixels, s)
+    unknown = rejector.scores(loaded.bundle, pixels, s)
     m = open_set_metrics(torch.tensor(known["rejection_scores"]), unknown, rejector.threshold)
     return {
         **m,

@@ -96,7 +96,7 @@ def evaluate(
         "files": [data.paths[i] for i in kept],
     }
     if rejector is not None:
-        rej = rejector.scores(loaded, pixels, s)  # (N,)
+        rej = rejector.scores(loaded.bundle, pixels, s)  # (N,)
         kept_mask = rej >= rejector.threshold
         out["reject"] = rejector.describe()
         out["rejected_fraction"] = round(float((~kept_mask).float().mean()), 4)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mcti.core import openset
+from mcti.core.model import ModelBundle
 from mcti.core.scoring import Scores
 from mcti.data.folders import IMAGE_EXTS, UNREADABLE
 from mcti.data.images import load_image
@@ -24,13 +25,13 @@ class Rejector:
     state: openset.OpenSet
     mode: str  # "auto" or "number"
 
-    def scores(self, loaded, pixels: torch.Tensor, scores: Scores) -> torch.Tensor:
+    def scores(self, bundle: ModelBundle, pixels: torch.Tensor, scores: Scores) -> torch.Tensor:
         """(N,) rejection scores of images `pixels` (N, 3, H, W) the classifier scored."""
         feats = None
         if self.score in openset.FEATURE_SCORES:
             feats = torch.cat(
                 [
-                    loaded.bundle.clip_image_features(pixels[i : i + 64]).cpu()
+                    bundle.clip_image_features(pixels[i : i + 64]).cpu()
                     for i in range(0, len(pixels), 64)
                 ]
             )
@@ -41,19 +42,20 @@ class Rejector:
         return {"score": self.score, "threshold": round(self.threshold, 6), "mode": self.mode}
 
 
-def shot_reference(loaded, tokens_dir: str | Path) -> openset.Reference:
+def shot_reference(
+    bundle: ModelBundle, labels: list[str], meta: dict, tokens_dir: str | Path
+) -> openset.Reference:
     """CLIP image features of the training shots listed in classes.json (read again from
     `data_root`)."""
-    meta = loaded.meta
     root, files = Path(meta.get("data_root", "")), meta.get("train_files") or []
-    pixels, labels, missing = [], [], []
+    pixels, ys, missing = [], [], []
     for rel in files:
         label = Path(rel).parts[0] if Path(rel).parts else ""
         try:
-            if label not in loaded.labels:
+            if label not in labels:
                 raise FileNotFoundError(rel)
-            pixels.append(load_image(root / rel, loaded.bundle.resolution))
-            labels.append(loaded.labels.index(label))
+            pixels.append(load_image(root / rel, bundle.resolution))
+            ys.append(labels.index(label))
         except (FileNotFoundError, *UNREADABLE):
             missing.append(rel)
     if not pixels:
@@ -68,18 +70,20 @@ def shot_reference(loaded, tokens_dir: str | Path) -> openset.Reference:
         )
     x = torch.stack(pixels)  # (S, 3, H, W)
     feats = torch.cat(
-        [loaded.bundle.clip_image_features(x[i : i + 64]).cpu() for i in range(0, len(x), 64)]
+        [bundle.clip_image_features(x[i : i + 64]).cpu() for i in range(0, len(x), 64)]
     )
-    return openset.Reference(feats, torch.tensor(labels), len(loaded.labels))
+    return openset.Reference(feats, torch.tensor(ys), len(labels))
 
 
-def open_set_state(loaded, tokens_dir: str | Path) -> openset.OpenSet:
+def open_set_state(
+    bundle: ModelBundle, labels: list[str], meta: dict, tokens_dir: str | Path
+) -> openset.OpenSet:
     """The saved state of the token set, or one fit now from its shots and saved (a read-only
     token directory only costs the refit next time)."""
-    state = openset.load(tokens_dir, len(loaded.labels))
+    state = openset.load(tokens_dir, len(labels))
     if state is not None and openset.DEFAULT_SCORE in state.loo:
         return state
-    state = openset.fit(shot_reference(loaded, tokens_dir))
+    state = openset.fit(shot_reference(bundle, labels, meta, tokens_dir))
     try:
         state.save(tokens_dir)
     except OSError as e:
@@ -88,12 +92,17 @@ def open_set_state(loaded, tokens_dir: str | Path) -> openset.OpenSet:
 
 
 def make_rejector(
-    loaded, tokens_dir: str | Path, reject: str, known_recall: float
+    bundle: ModelBundle,
+    labels: list[str],
+    meta: dict,
+    tokens_dir: str | Path,
+    reject: str,
+    known_recall: float,
 ) -> Rejector | None:
     """None for --reject off; else the default score with its threshold."""
     if reject == "off":
         return None
-    state = open_set_state(loaded, tokens_dir)
+    state = open_set_state(bundle, labels, meta, tokens_dir)
     score = openset.DEFAULT_SCORE
     if reject == "auto":
         return Rejector(score, state.threshold(score, known_recall), state, "auto")
