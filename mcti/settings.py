@@ -98,6 +98,17 @@ def stages_problem(spec: str) -> str | None:
     return None if ok else "must be comma-separated positive integers, e.g. 8,16,32"
 
 
+def reject_problem(value: str) -> str | None:
+    """Why `value` is not a --reject setting (None if it is): off, auto or a number."""
+    if value in ("off", "auto"):
+        return None
+    try:
+        float(value)
+    except ValueError:
+        return "must be off, auto or a number (the rejection score's threshold)"
+    return None
+
+
 AtLeast1 = Annotated[int, Bounds(ge=1)]
 AtLeast0 = Annotated[int, Bounds(ge=0)]
 NonNegative = Annotated[float, Bounds(ge=0)]
@@ -230,6 +241,10 @@ class ScorerSettings(Settings):
     """Prompt used for each class token; {} becomes the token."""
     seed: int = 0
     """Seed of the (t, eps) grid; scores are deterministic for a seed (the server's are those of `mcti classify` with the same seed)."""
+    reject: Annotated[str, Check(reject_problem)] = "off"
+    """Open set: label an image `unknown` when its rejection score (mcti/core/openset.py) is below a threshold: off, auto (set on the training shots, leave-one-out, for --known-recall; saved with the tokens) or a number (the threshold itself; write a negative one as --reject=-2.5). The server: the default of a request's `reject`."""
+    known_recall: Annotated[float, Bounds(gt=0, le=1)] = 0.95
+    """--reject auto: fraction of known-class images to accept."""
 
 
 @dataclass
@@ -335,7 +350,9 @@ class EvalArgs(ScoreArgs):
     json: bool = False
     """Print one JSON object instead of tables."""
     plot: Annotated[str, Output("file")] | None = None
-    """Write a confusion-matrix PNG here (after the results are printed; the path is checked first)."""
+    """Write a confusion-matrix PNG here (after the results are printed; the path is checked first); with --unknown, a histogram of the rejection score of known vs unknown images."""
+    unknown: str | None = None
+    """Open set: a folder (any tree of image files) of classes not in the token set; reports AUROC, FPR at 95 percent known recall and rejected fractions (with --reject auto unless set)."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from ray import serve
 from serving.batcher import Batcher, ModelTurns
 from serving.config import AppConfig
 from serving.loopback import keep_replica_grpc_on_loopback
+from serving.openset import OpenSetRejection
 from serving.tokensets import TokenSets, load_sets, requested_version
 
 log = logging.getLogger("ray.serve")  # Serve's logger: replica logs, never request payloads
@@ -64,6 +65,7 @@ class MctiClassifier:
         self.collect.set_max_batch_size(cfg.max_batch_size)
         self.collect.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.ongoing: Counter = Counter()  # calls in this replica by method, for /v1/stats
+        self.open_set = OpenSetRejection(self.bundle, cfg)  # `reject`: unknown instead of a label
         log.info(
             "mcti classifier ready in %.1fs: model %s on %s, scorers %s",
             time.perf_counter() - t0,
@@ -84,6 +86,7 @@ class MctiClassifier:
         args = (user_config, self.served, self.bundle, self.cfg, self.scorers, self.turns.scoring)
         try:
             new = await loop.run_in_executor(self.reload_pool, load_sets, *args)
+            await loop.run_in_executor(self.reload_pool, self.open_set.prepare, new.sets)
         except UserError as e:
             if not self.served.sets:  # at start: the replica fails, and says why
                 raise
@@ -138,6 +141,7 @@ class MctiClassifier:
             "ongoing": {k: n for k, n in self.ongoing.items() if n},
             "pid": os.getpid(),  # the replica process: unchanged by a token-set swap
             "token_sets_version": self.served.version,
+            **self.open_set.stats(),
         }
 
     async def classify(self, item: dict) -> dict:
@@ -170,9 +174,8 @@ class MctiClassifier:
                     continue
                 labels = served.sets[key]["labels"]
                 t0 = time.perf_counter()
-                s = served.sets[key]["scorers"][scorer].score(
-                    to_pixels([items[i]["pixels"] for i in idx])
-                )
+                x = to_pixels([items[i]["pixels"] for i in idx])
+                s = served.sets[key]["scorers"][scorer].score(x)
                 ms = (time.perf_counter() - t0) * 1e3
                 ranking = s.ranking()  # (B, K)
                 for j, i in enumerate(idx):
@@ -186,6 +189,8 @@ class MctiClassifier:
                         "score_ms": ms,
                         "sets_version": served.version,
                     }
+                group = [items[i] for i in idx], [out[i] for i in idx]
+                self.open_set.apply(served.sets[key], x, s, *group)
         return out
 
     async def generate(

@@ -33,6 +33,7 @@ from serving.http import (
     short,
 )
 from serving.loopback import keep_replica_grpc_on_loopback
+from serving.openset import open_set_fields
 from serving.schemas import (
     ClassifyResponse,
     GenerateRequest,
@@ -131,6 +132,7 @@ class Ingress:
             "token_set": key,
             "scorer": scorer,
             "top_k": req.top_k or cfg.top_k,
+            "reject": req.reject or cfg.reject,
         }
         r = await self._call("classify", item)
         t3 = time.perf_counter()
@@ -142,6 +144,7 @@ class Ingress:
             "scores": r["scores"],
             "token_set": key,
             "scorer": scorer,
+            **open_set_fields(r),
             "batch_size": r["batch_size"],
             "timings_ms": {
                 "parse": (t1 - t0) * 1e3,

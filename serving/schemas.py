@@ -1,8 +1,8 @@
 """Request and response bodies of the HTTP API (pydantic; they make the OpenAPI page at /docs)."""
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mcti.settings import SCORERS, Scorer
+from mcti.settings import SCORERS, Scorer, reject_problem
 
 
 class ClassifyParams(BaseModel):
@@ -19,6 +19,21 @@ class ClassifyParams(BaseModel):
     token_set: str | None = Field(
         None, description="Token set id (GET /v1/token-sets); default: the first."
     )
+    reject: str | float | None = Field(
+        None,
+        description="Open set: off, auto or a threshold of the rejection score; below it the "
+        "label is 'unknown' (default: the server's reject).",
+    )
+
+    @field_validator("reject")
+    @classmethod
+    def _reject(cls, v: str | float | None) -> str | None:
+        if v is None:
+            return None
+        problem = reject_problem(str(v))
+        if problem:
+            raise ValueError(problem)
+        return str(v)
 
 
 class ClassifyJSON(ClassifyParams):
@@ -29,6 +44,14 @@ class ClassifyJSON(ClassifyParams):
 
 
 class ClassifyResponse(BaseModel):
+    label: str | None = Field(
+        None,
+        description="With reject on: the best label, or 'unknown' when the image's rejection "
+        "score is below the threshold (labels still lists the best known ones).",
+    )
+    rejection_score: float | None = Field(
+        None, description="With reject on: the rejection score (higher: more like a known class)."
+    )
     labels: list[str] = Field(description="Best labels first.")
     scores: list[float | None] = Field(
         description="Their scores, higher is better (diffusion: -mean denoising error; clip: cosine); "

@@ -21,7 +21,15 @@ def run(a: ClassifyArgs) -> None:
             raise UserError(f"no such image file: {path}") from e
         except Exception as e:
             raise UserError(f"cannot read image '{path}': {e}") from e
-    s = score_all(loaded, torch.stack(pixels), a.batch_images, desc="classify", quiet=True)
+    rejector = None
+    if a.reject != "off":
+        from mcti.eval.openset import make_rejector
+
+        rejector = make_rejector(
+            loaded.bundle, loaded.labels, loaded.meta, a.tokens, a.reject, a.known_recall
+        )
+    x = torch.stack(pixels)  # (N, 3, H, W)
+    s = score_all(loaded, x, a.batch_images, desc="classify", quiet=True)
     idx, scores = s.topk(a.top_k)
     results = [
         {
@@ -31,6 +39,12 @@ def run(a: ClassifyArgs) -> None:
         }
         for i, path in enumerate(a.images)
     ]
+    if rejector is not None:
+        # "label": the best known label, or "unknown"; the known labels stay listed
+        rej = rejector.scores(loaded.bundle, x, s)
+        for r, v in zip(results, rej.tolist(), strict=True):
+            r["label"] = r["labels"][0] if v >= rejector.threshold else "unknown"
+            r["rejection_score"] = round(v, 6)
     if a.json:
         print(json.dumps(results))
         return
@@ -38,4 +52,6 @@ def run(a: ClassifyArgs) -> None:
         best = ", ".join(
             f"{lab} ({sc:.4g})" for lab, sc in zip(r["labels"], r["scores"], strict=True)
         )
+        if r.get("label") == "unknown":
+            best = f"unknown (rejection score {r['rejection_score']:.4g}; best known: {best})"
         print(f"{r['image']}: {best}")

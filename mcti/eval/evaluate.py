@@ -51,9 +51,16 @@ def score_all(
 
 
 def evaluate(
-    loaded: Loaded, data: ImageFolder, indices: list[int], batch: int, quiet: bool = False
+    loaded: Loaded,
+    data: ImageFolder,
+    indices: list[int],
+    batch: int,
+    quiet: bool = False,
+    rejector=None,
 ) -> dict:
-    """Accuracy, top-5, per-class accuracy, confusion matrix, speed."""
+    """Accuracy, top-5, per-class accuracy, confusion matrix, speed; with a `rejector`
+    (mcti.eval.openset.Rejector) also the rejected fraction and the accuracy with rejection on
+    (an image counts as right only when it is kept and its label is right)."""
     labels = loaded.labels
     unknown = sorted(set(data.classes) - set(labels))
     if unknown:
@@ -88,6 +95,13 @@ def evaluate(
         "predictions": [labels[i] for i in pred.tolist()],
         "files": [data.paths[i] for i in kept],
     }
+    if rejector is not None:
+        rej = rejector.scores(loaded.bundle, pixels, s)  # (N,)
+        kept_mask = rej >= rejector.threshold
+        out["reject"] = rejector.describe()
+        out["rejected_fraction"] = round(float((~kept_mask).float().mean()), 4)
+        out["accuracy_with_reject"] = int(((pred == truth) & kept_mask).sum()) / len(kept)
+        out["rejection_scores"] = rej.tolist()
     if K > 5:
         out["top5"] = int((ranking[:, :5] == truth.view(-1, 1)).any(1).sum()) / len(kept)
     return out

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks.common import random_token_set
 from mcti.cli.serve import patient_proxy_checks
+from mcti.data.images import load_image
 from serving.local_ray import REQUEST_TIMEOUT_S
 from tests.conftest import make_image_folder
 
@@ -472,6 +474,34 @@ def test_generation_queue_is_bounded_and_classify_goes_first(server):
     assert r.json()["labels"] == server.expected[("a", "diffusion")][rel(server.images[0])][0]
     assert [g.status_code for g, _ in results] == [200] * MAX_GENERATE_QUEUE
     assert classified < min(done for _, done in results)  # not queued behind the generations
+
+
+def test_reject_labels_unknown_and_stats_count_it(server, tiny_bundle):
+    """`reject`: "label" is the best label or "unknown" (labels and scores unchanged), a bad
+    value is a 422, a set whose open-set state cannot be fit is a 422, /v1/stats counts."""
+    from mcti.core import openset
+
+    root = server.images[0].parents[2]
+    pixels = torch.stack([load_image(p, tiny_bundle.resolution) for p in server.images])
+    labels = torch.tensor([int(p.parent.name[-1]) for p in server.images])
+    ref = openset.Reference(tiny_bundle.clip_image_features(pixels).cpu(), labels, 3)
+    openset.fit(ref).save(root / "tok-a")  # read by the replica on first use
+    before = requests.get(f"{server.url}/v1/stats", timeout=30).json()["open_set"]
+    path = server.images[0]
+    want = server.expected[("a", "diffusion")][rel(path)][0]
+    kept = server.classify(path, token_set="a", top_k=3, reject="-1e9").json()
+    assert kept["label"] == kept["labels"][0] and kept["labels"] == want
+    dropped = server.classify(path, token_set="a", top_k=3, reject=1e9).json()
+    assert dropped["label"] == "unknown" and dropped["labels"] == want
+    assert dropped["rejection_score"] == pytest.approx(kept["rejection_score"])
+    auto = server.classify(path, token_set="a", reject="auto").json()
+    assert auto["label"] in ("unknown", want[0])
+    assert server.classify(path, token_set="a").json()["label"] is None  # off by default
+    _assert_error(server.classify(path, reject="maybe"), 422, "reject")
+    _assert_error(server.classify(path, token_set="b", reject="auto"), 422, "training images")
+    after = requests.get(f"{server.url}/v1/stats", timeout=30).json()["open_set"]
+    assert after["checked"] - before["checked"] == 3
+    assert after["rejected"] - before["rejected"] == 1 + (auto["label"] == "unknown")
 
 
 def test_healthz_asks_the_classifier_every_time(server):
