@@ -44,11 +44,12 @@ def test_leave_one_out_equals_scoring_without_the_shot():
 def test_weights_follow_the_evidence():
     """Informative tokens with a useless cache get the larger weight, and the other way round;
     an equal-weight rule could not do both."""
-    K = 4
-    f_good, y = clusters(K, 5, 0.2, 1)
-    f_noise = torch.nn.functional.normalize(torch.randn(len(y), 16), dim=1)
-    cos_good = torch.nn.functional.one_hot(y, K).float() * 0.5 + 0.05 * torch.randn(len(y), K)
-    cos_noise = 0.1 * torch.randn(len(y), K)
+    K, g = 4, torch.Generator().manual_seed(5)
+    f_good, y = clusters(K, 10, 0.8, 1)  # the cache gets the left-out shots right
+    f_noise = torch.nn.functional.normalize(torch.randn(len(y), 16, generator=g), dim=1)
+    onehot = torch.nn.functional.one_hot(y, K).float()
+    cos_good = 0.5 * onehot + 0.05 * torch.randn(len(y), K, generator=g)
+    cos_noise = 0.1 * torch.randn(len(y), K, generator=g)
 
     tokens_reliable = fit_fused(f_noise, y, K, cos_good, token_shrink=1.0).params
     assert tokens_reliable.w_tokens > 3 * tokens_reliable.w_cache
