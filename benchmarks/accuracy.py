@@ -92,13 +92,18 @@ def load_folder_pixels(folder: Path, size: int):
     return x, torch.tensor([data.labels[i] for i in kept])
 
 
-def baselines(bundle, task_dir: Path, names: list[str], seen: bool, args) -> dict:
+def baselines(bundle, task_dir: Path, names: list[str], seen: bool, args, ece: dict) -> dict:
     xtr, ytr = load_folder_pixels(task_dir / "train", bundle.resolution)
     xte, yte = load_folder_pixels(task_dir / "test", bundle.resolution)
     out = {}
     if bundle.clip is not None:
         for name, pred in clip_feature_baselines(bundle, xtr, ytr, xte, len(names)).items():
             out[name] = (pred == yte).tolist()
+        if "fused" in args.scorers.split(","):  # the fused scorer without tokens: same per seed
+            ftr, fte = bundle.clip_image_features(xtr), bundle.clip_image_features(xte)
+            probs = fit_fused(ftr, ytr, len(names), None).logits(fte, None).softmax(1)
+            out["cache alone (fused without tokens)"] = (probs.argmax(1) == yte).tolist()
+            ece["cache alone (fused without tokens)"] = expected_calibration_error(probs, yte)
     if seen:
         scorers = [x for x in ("diffusion", "clip") if x in args.scorers.split(",")]
         for scorer in scorers if bundle.clip is not None else ("diffusion",):
@@ -118,8 +123,7 @@ def baselines(bundle, task_dir: Path, names: list[str], seen: bool, args) -> dic
 
 
 def fused_variants(bundle, tok_dir: Path, task_dir: Path, run: dict, name: str) -> None:
-    """Ablations of the fused scorer of one token set (accuracy and ECE into `run`); the cache
-    alone is the same for every token set of a seed, so it is added once."""
+    """Ablations of the fused scorer of one token set (accuracy and ECE into `run`)."""
     xtr, ytr = load_folder_pixels(task_dir / "train", bundle.resolution)
     xte, yte = load_folder_pixels(task_dir / "test", bundle.resolution)
     tokens, table, labels, _ = load_tokens(tok_dir, bundle)
@@ -130,8 +134,6 @@ def fused_variants(bundle, tok_dir: Path, task_dir: Path, run: dict, name: str) 
     variants = {"tokens alone (fused without cache)": None}
     for shrink in (0.25, 1.0):
         variants[f"fused, token shrink {shrink}"] = fit_fused(ftr, ytr, K, ftr @ text.T, shrink)
-    if "cache alone (fused without tokens)" not in run["correct"]:
-        variants["cache alone (fused without tokens)"] = fit_fused(ftr, ytr, K, None)
     for key, st in variants.items():
         if st is None:  # tokens alone: the token log-softmax with its scale fitted on the shots
             (w,) = fit_weights([zscore(ftr @ text.T)], ytr)
@@ -139,7 +141,7 @@ def fused_variants(bundle, tok_dir: Path, task_dir: Path, run: dict, name: str) 
         else:
             logits = st.logits(fte, fte @ text.T)
         probs = logits.softmax(1)
-        k = key if key.startswith("cache") else f"{name} {key}"
+        k = f"{name} {key}"
         run["correct"][k] = (probs.argmax(1) == yte).tolist()
         run["ece"][k] = expected_calibration_error(probs, yte)
 
@@ -235,8 +237,10 @@ def main() -> None:
                 "ece": {},
                 "generation": {},
             }
-            run["correct"].update(baselines(bundle, d, info["names"], task == "seen", args))
-            for name in args.methods.split(","):
+            run["correct"].update(
+                baselines(bundle, d, info["names"], task == "seen", args, run["ece"])
+            )
+            for name in [m for m in args.methods.split(",") if m]:
                 tok = d / ("tok-" + name.replace(" ", "-"))
                 if bundle.clip is None and "clip" in name:
                     continue
