@@ -362,11 +362,11 @@ def report(results: dict) -> str:
             eces = [r.get("ece", {}).get(key) for r in runs]
             e = f"{np.mean(eces):.3f}" if all(x is not None for x in eces) else ""
             lines.append(f"| {key} | {np.mean(accs):.1%} ± {np.std(accs):.1%} | {e} | {g} |")
-        fused_keys = [k for k in runs[0]["correct"] if k.endswith("(fused)")]
+        fused_keys = [k for k in runs[0]["correct"] if k.endswith("(fused)") or "cache" in k]
         for fk in fused_keys:
             for ref in ("linear probe", "nearest class mean", "cache alone (fused without tokens)"):
                 rk = next((k for k in runs[0]["correct"] if k.startswith(ref)), None)
-                if rk is None:
+                if rk is None or rk == fk:
                     continue
                 ta = [float(np.mean(r["correct"][rk])) for r in runs]
                 tb = [float(np.mean(r["correct"][fk])) for r in runs]
