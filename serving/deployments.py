@@ -60,6 +60,7 @@ class MctiClassifier:
     def __init__(self, cfg: dict):
         import torch
 
+        from mcti.core.fused import load_fused
         from mcti.core.model import load_model
         from mcti.core.scoring import Classifier
         from mcti.core.store import load_tokens
@@ -78,7 +79,8 @@ class MctiClassifier:
         for key, path in cfg.tokens.items():
             tokens, table, labels, meta = load_tokens(path, self.bundle)
             # Conditioning (K, L, d) and CLIP text features are computed here, once per set.
-            scorers = Classifier.for_scorers(self.bundle, tokens, table, cfg, self.scorers)
+            fused = load_fused(path, len(labels)) if "fused" in self.scorers else None
+            scorers = Classifier.for_scorers(self.bundle, tokens, table, cfg, self.scorers, fused)
             self.sets[key] = dict(
                 tokens=tokens, table=table, labels=labels, meta=meta, scorers=scorers
             )
