@@ -225,6 +225,7 @@ def load_fused(path: str | Path, num_classes: int) -> FusedState:
         and meta.get("num_classes") == num_classes
         and feats.ndim == 2
         and labels.shape == (len(feats),)
+        and len(labels) > 0
         and int(labels.min()) >= 0
         and int(labels.max()) < num_classes
         and all(math.isfinite(float(x)) for x in (params.beta, params.w_cache, params.w_tokens))
