@@ -336,10 +336,10 @@ class Classifier:
         if scorer != "diffusion":
             self.clip = ClipScorer.from_text_features(bundle, text)
         if scorer == "fused":
-            if fused is None:
-                raise UserError("the fused scorer needs the token set's fused state (fused.json)")
-            if fused.num_classes != self.K:
-                raise UserError(f"fused state has {fused.num_classes} classes, tokens {self.K}")
+            if fused is None or fused.num_classes != self.K:
+                raise UserError(
+                    f"the fused scorer needs the token set's fused state ({self.K} classes)"
+                )
             self.fused = fused
         elif scorer != "clip":
             # hybrid: diffusion ranks only the clip prefilter's top m, so keep at most m
@@ -355,8 +355,7 @@ class Classifier:
             return self.clip.score_pixels(pixels)
         if self.kind == "fused":
             f = self.bundle.clip_image_features(pixels).float().cpu()  # (B, P)
-            logits = self.fused.logits(f, f @ self.clip.text.float().cpu().T)  # (B, K)
-            logp = logits.log_softmax(1)
+            logp = self.fused.logits(f, f @ self.clip.text.float().cpu().T).log_softmax(1)
             return Scores(logp, torch.zeros_like(logp, dtype=torch.long), 0, logp.exp())
         x0 = self.bundle.encode_images(pixels)
         if self.kind == "diffusion":
