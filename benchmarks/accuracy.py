@@ -8,6 +8,11 @@ Baselines on the same frozen model: linear probe and nearest class mean on the C
 features of the same shots; zero-shot with the true names (seen only). Generation: the fraction
 of images drawn from each class token that an independent classifier (logistic regression on
 pixels, trained on other real held-out images) assigns to that class.
+Fused scorer (mcti.core.fused, needs the CLIP tower): each token set's fused scorer as `mcti eval
+--scorer fused` runs it, and its ablations: the cache alone (once per seed: no tokens), the
+tokens alone (z-scored cosines) with a weight fitted on the shots, and the token weight's shrink at 0.25 and 1.0
+beside the shipped 0.5 (a sensitivity check, not a choice made on test images); with the ECE
+(15 bins) of each calibrated output.
 Writes a JSON of everything and a markdown table (mean +- std over seeds; paired t-test of MC-TI
 vs TI over seeds, and McNemar's test on the pooled per-image outcomes).
 
@@ -24,13 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mcti.core.fused import fit_for_tokens, fit_fused, fit_weights, zscore
 from mcti.core.generate import generate
 from mcti.core.model import load_model
 from mcti.core.store import load_tokens
 from mcti.data.folders import scan_folder
 from mcti.data.offline import load_split
 from mcti.eval.baselines import clip_feature_baselines, predict, true_name_classifier
-from mcti.eval.evaluate import evaluate, load_classifier
+from mcti.eval.evaluate import evaluate, expected_calibration_error, load_classifier
 from mcti.settings import EvalArgs, TrainArgs
 from mcti.train.loop import train
 
@@ -86,15 +92,21 @@ def load_folder_pixels(folder: Path, size: int):
     return x, torch.tensor([data.labels[i] for i in kept])
 
 
-def baselines(bundle, task_dir: Path, names: list[str], seen: bool, args) -> dict:
+def baselines(bundle, task_dir: Path, names: list[str], seen: bool, args, ece: dict) -> dict:
     xtr, ytr = load_folder_pixels(task_dir / "train", bundle.resolution)
     xte, yte = load_folder_pixels(task_dir / "test", bundle.resolution)
     out = {}
     if bundle.clip is not None:
         for name, pred in clip_feature_baselines(bundle, xtr, ytr, xte, len(names)).items():
             out[name] = (pred == yte).tolist()
+        if "fused" in args.scorers.split(","):  # the fused scorer without tokens: same per seed
+            ftr, fte = bundle.clip_image_features(xtr), bundle.clip_image_features(xte)
+            probs = fit_fused(ftr, ytr, len(names), None).logits(fte, None).softmax(1)
+            out["cache alone (fused without tokens)"] = (probs.argmax(1) == yte).tolist()
+            ece["cache alone (fused without tokens)"] = expected_calibration_error(probs, yte)
     if seen:
-        for scorer in ("diffusion", "clip") if bundle.clip is not None else ("diffusion",):
+        scorers = [x for x in ("diffusion", "clip") if x in args.scorers.split(",")]
+        for scorer in scorers if bundle.clip is not None else ("diffusion",):
             kw = (
                 {}
                 if scorer == "clip"
@@ -108,6 +120,30 @@ def baselines(bundle, task_dir: Path, names: list[str], seen: bool, args) -> dic
             pred = predict(true_name_classifier(bundle, names, scorer, **kw), xte, 16)
             out[f"zero-shot true names ({scorer})"] = (pred == yte).tolist()
     return out
+
+
+def fused_variants(bundle, tok_dir: Path, task_dir: Path, run: dict, name: str) -> None:
+    """Ablations of the fused scorer of one token set (accuracy and ECE into `run`)."""
+    xtr, ytr = load_folder_pixels(task_dir / "train", bundle.resolution)
+    xte, yte = load_folder_pixels(task_dir / "test", bundle.resolution)
+    tokens, table, labels, _ = load_tokens(tok_dir, bundle)
+    K = len(labels)
+    # folder order (k00, k01, ...) is the token set's label order: the same sorted keys
+    ftr, fte = bundle.clip_image_features(xtr).float(), bundle.clip_image_features(xte).float()
+    text = tokens.clip_text_features(table, [tokens.prompt(k) for k in range(K)]).float()
+    variants = {"tokens alone (fused without cache)": None}
+    for shrink in (0.25, 1.0):
+        variants[f"fused, token shrink {shrink}"] = fit_fused(ftr, ytr, K, ftr @ text.T, shrink)
+    for key, st in variants.items():
+        if st is None:  # tokens alone: the token log-softmax with its scale fitted on the shots
+            (w,) = fit_weights([zscore(ftr @ text.T)], ytr)
+            logits = w * zscore(fte @ text.T)
+        else:
+            logits = st.logits(fte, fte @ text.T)
+        probs = logits.softmax(1)
+        k = f"{name} {key}"
+        run["correct"][k] = (probs.argmax(1) == yte).tolist()
+        run["ece"][k] = expected_calibration_error(probs, yte)
 
 
 def generation_score(bundle, tok_dir: Path, ref_x: np.ndarray, ref_y: np.ndarray, n: int) -> float:
@@ -155,6 +191,11 @@ def main() -> None:
     p.add_argument("--negatives", type=int, default=4)
     p.add_argument("--tasks", default="seen,novel")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument(
+        "--scorers",
+        default="diffusion,clip,fused",
+        help="scorers of each token set (comma-separated)",
+    )
     p.add_argument("--n-samples", default="6,12")
     p.add_argument("--to-keep", default="3,1")
     p.add_argument("--batch-rows", type=int, default=512)
@@ -193,10 +234,13 @@ def main() -> None:
                 "seed": seed,
                 "classes": len(info["names"]),
                 "correct": {},
+                "ece": {},
                 "generation": {},
             }
-            run["correct"].update(baselines(bundle, d, info["names"], task == "seen", args))
-            for name in args.methods.split(","):
+            run["correct"].update(
+                baselines(bundle, d, info["names"], task == "seen", args, run["ece"])
+            )
+            for name in [m for m in args.methods.split(",") if m]:
                 tok = d / ("tok-" + name.replace(" ", "-"))
                 if bundle.clip is None and "clip" in name:
                     continue
@@ -222,7 +266,12 @@ def main() -> None:
                         ),
                         bundle=bundle,
                     )
-                for scorer in ("diffusion", "clip") if bundle.clip is not None else ("diffusion",):
+                scorers = args.scorers.split(",")
+                if bundle.clip is None:
+                    scorers = [x for x in scorers if x == "diffusion"]
+                if "fused" in scorers and not (tok / "fused.json").is_file():
+                    fill_fused(bundle, tok, d)  # token sets trained before the fused scorer
+                for scorer in scorers:
                     ea = EvalArgs(
                         model=args.model,
                         tokens=str(tok),
@@ -240,6 +289,10 @@ def main() -> None:
                     run["correct"][f"{name} ({scorer})"] = [
                         a == b for a, b in zip(r["predictions"], truth, strict=True)
                     ]
+                    if "ece" in r:
+                        run["ece"][f"{name} ({scorer})"] = r["ece"]
+                if "fused" in scorers:
+                    fused_variants(bundle, tok, d, run, name)
                 if args.gen_n:
                     run["generation"][name] = generation_score(
                         bundle, tok, info["ref_x"], info["ref_y"], args.gen_n
@@ -252,6 +305,15 @@ def main() -> None:
             )
             (out / "results.json").write_text(json.dumps(results))
     print(report(results))
+
+
+def fill_fused(bundle, tok: Path, d: Path) -> None:
+    """The fused state of a token set saved before training wrote one, from its shots."""
+    from mcti.core.fused import save_fused
+
+    tokens, table, _, _ = load_tokens(tok, bundle)
+    xtr, ytr = load_folder_pixels(d / "train", bundle.resolution)
+    save_fused(tok, fit_for_tokens(bundle, tokens, table, xtr, ytr))
 
 
 def fill_generation(bundle, out: Path) -> None:
@@ -286,8 +348,8 @@ def report(results: dict) -> str:
         lines += [
             f"\n**{task} concepts** ({runs[0]['classes']} classes, {a['shots']} shots, "
             f"{a['steps']} token steps, {len(runs)} shot seeds, {n_test} test images per seed)\n",
-            "| method (scorer) | accuracy mean ± std | generation score |",
-            "|---|---|---|",
+            "| method (scorer) | accuracy mean ± std | ECE (15 bins) | generation score |",
+            "|---|---|---|---|",
         ]
         for key in runs[0]["correct"]:
             accs = [float(np.mean(r["correct"][key])) for r in runs]
@@ -297,7 +359,23 @@ def report(results: dict) -> str:
                 if all(x is not None for x in gen) and key.endswith("(diffusion)")
                 else ""
             )
-            lines.append(f"| {key} | {np.mean(accs):.1%} ± {np.std(accs):.1%} | {g} |")
+            eces = [r.get("ece", {}).get(key) for r in runs]
+            e = f"{np.mean(eces):.3f}" if all(x is not None for x in eces) else ""
+            lines.append(f"| {key} | {np.mean(accs):.1%} ± {np.std(accs):.1%} | {e} | {g} |")
+        fused_keys = [k for k in runs[0]["correct"] if k.endswith("(fused)") or "cache" in k]
+        for fk in fused_keys:
+            for ref in ("linear probe", "nearest class mean", "cache alone (fused without tokens)"):
+                rk = next((k for k in runs[0]["correct"] if k.startswith(ref)), None)
+                if rk is None or rk == fk:
+                    continue
+                ta = [float(np.mean(r["correct"][rk])) for r in runs]
+                tb = [float(np.mean(r["correct"][fk])) for r in runs]
+                pt = ttest_rel(tb, ta).pvalue if len(runs) > 1 else float("nan")
+                pa = sum((r["correct"][rk] for r in runs), [])
+                pb = sum((r["correct"][fk] for r in runs), [])
+                lines.append(
+                    f"\n{fk} - {rk}: {np.mean(tb) - np.mean(ta):+.1%} (paired t p = {pt:.3f}; McNemar p = {mcnemar_p(pb, pa):.3f})"
+                )
         for scorer in ("diffusion", "clip"):
             for mc in ("MC-TI denoise", "MC-TI clip"):
                 a, b = f"TI ({scorer})", f"{mc} ({scorer})"

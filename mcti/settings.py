@@ -33,7 +33,7 @@ DEFAULT_MODEL = "embedded"  # the base model a command uses unless told
 # Choices, bounds and checks: markers the CLI and the Serve config both read
 
 
-Scorer = Literal["diffusion", "clip", "hybrid"]
+Scorer = Literal["diffusion", "clip", "hybrid", "fused"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Attention = Literal["auto", "sdpa", "xformers"]
 Method = Literal["mcti", "ti"]
@@ -228,7 +228,7 @@ class ModelSettings(Settings):
 @dataclass
 class ScorerSettings(Settings):
     scorer: Scorer = "diffusion"
-    """diffusion (per-class denoising error), clip (CLIP cosine) or hybrid (clip top-m, diffusion rerank)."""
+    """diffusion (per-class denoising error), clip (CLIP cosine), hybrid (clip top-m, diffusion rerank) or fused (token CLIP scores + a cache of the shots' image features, weighted and calibrated on the shots; gives probabilities)."""
     n_samples: Stages = "8,16,32"
     """Diffusion scorer: cumulative (t, eps) samples per stage, comma-separated."""
     to_keep: Stages = "5,2,1"

@@ -103,6 +103,7 @@ def load_sets(
     """The sets of `user_config`, reusing those of `old` with the same directory and version.
     Raises UserError (nothing changes) when any set cannot be loaded. `model_turn()` is held
     while the new conditioning is computed (encoding swaps the text encoder's embedding)."""
+    from mcti.core.fused import load_fused
     from mcti.core.scoring import Classifier
     from mcti.core.store import load_tokens
 
@@ -116,8 +117,9 @@ def load_sets(
             continue
         try:
             tok, table, labels, meta = load_tokens(path, bundle)
+            fused = load_fused(path, len(labels)) if "fused" in scorers else None
             with model_turn():  # conditioning (K, L, d) and CLIP text features, once per set
-                built = Classifier.for_scorers(bundle, tok, table, settings, scorers)
+                built = Classifier.for_scorers(bundle, tok, table, settings, scorers, fused)
         except UserError as e:
             raise UserError(f"token set '{key}': {e}") from None
         except Exception as e:  # a corrupt file may fail anywhere in the readers

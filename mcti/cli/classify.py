@@ -36,6 +36,12 @@ def run(a: ClassifyArgs) -> None:
             "image": path,
             "labels": [loaded.labels[j] for j in idx[i].tolist()],
             "scores": [round(float(x), 6) for x in scores[i]],
+            # calibrated probabilities of the same labels (scorers that have them: fused)
+            **(
+                {"probs": [round(float(s.probs[i, j]), 6) for j in idx[i]]}
+                if s.probs is not None
+                else {}
+            ),
         }
         for i, path in enumerate(a.images)
     ]

@@ -84,6 +84,8 @@ def print_results(r: dict, as_json: bool) -> None:
     line = f"\naccuracy {r['accuracy']:.1%} on {r['n_images']} images ({r['scorer']} scorer)"
     if "top5" in r:
         line += f", top-5 {r['top5']:.1%}"
+    if "ece" in r:
+        line += f", ECE {r['ece']:.3f} (15 bins)"
     print(
         line + f"; {r['images_per_s']:.2f} images/s, {r['unet_rows_per_image']:.0f} UNet rows/image"
     )

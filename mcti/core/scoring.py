@@ -5,7 +5,8 @@ by all classes; class error = mean ||target - pred(x_t, t, c)||^2 over the pairs
 on; adaptive elimination in stages. Rows (image, class, t) of several images go through the UNet
 together, up to `batch_rows` per pass; class conditioning is computed once per token set.
 `clip`: cosine of CLIP image and class-prompt text embeddings. `hybrid`: clip top-m, then
-diffusion among those.
+diffusion among those. `fused`: the clip scorer's token cosines fused with a cache of the shots'
+image features, weighted and calibrated on the shots (mcti.core.fused); it also gives `probs`.
 """
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mcti.core.diffusion import noised, row_errors
+from mcti.core.fused import FusedState
 from mcti.core.model import ModelBundle
 from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
 from mcti.errors import UserError
@@ -26,11 +28,13 @@ if TYPE_CHECKING:  # the scorer part of `mcti.settings` (hybrid_m, n_samples, to
 class Scores:
     """scores (B, K): -mean error (diffusion) or cosine (clip), higher is better; -inf where a
     class was never scored. stage (B, K): how far each class got in elimination (survivors
-    highest); ranking is by stage, then score."""
+    highest); ranking is by stage, then score. probs (B, K): calibrated class probabilities,
+    from the scorers that have a fitted temperature (fused), else None."""
 
     scores: torch.Tensor
     stage: torch.Tensor
     unet_rows: int = 0
+    probs: torch.Tensor | None = None
 
     def ranking(self) -> torch.Tensor:
         """(B, K) class indices, best first."""
@@ -210,8 +214,8 @@ class ClipScorer:
 
 
 def _check_scorer(scorer: str, hybrid_m: int) -> None:
-    if scorer not in ("diffusion", "clip", "hybrid"):
-        raise UserError(f"--scorer must be diffusion, clip or hybrid, not '{scorer}'")
+    if scorer not in ("diffusion", "clip", "hybrid", "fused"):
+        raise UserError(f"--scorer must be diffusion, clip, hybrid or fused, not '{scorer}'")
     if scorer == "hybrid" and hybrid_m < 1:
         raise UserError(f"--hybrid-m must be >= 1, not {hybrid_m}")
 
@@ -231,13 +235,17 @@ class Classifier:
         batch_rows: int = 256,
         template: str = TEMPLATES[0],
         seed: int = 0,
+        fused: FusedState | None = None,
     ):
         _check_scorer(scorer, hybrid_m)
         prompts = [tokens.prompt(k, template) for k in range(tokens.num_classes)]
         with torch.no_grad():
             text = tokens.clip_text_features(table, prompts) if scorer != "diffusion" else None
-            cond = tokens.class_conditioning(table, template) if scorer != "clip" else None
-        self._build(bundle, scorer, cond, text, hybrid_m, n_samples, to_keep, batch_rows, seed)
+            diffused = scorer in ("diffusion", "hybrid")
+            cond = tokens.class_conditioning(table, template) if diffused else None
+        self._build(
+            bundle, scorer, cond, text, hybrid_m, n_samples, to_keep, batch_rows, seed, fused
+        )
 
     @classmethod
     def from_conditioning(
@@ -251,22 +259,34 @@ class Classifier:
         to_keep: str | list[int] = "5,2,1",
         batch_rows: int = 256,
         seed: int = 0,
+        fused: FusedState | None = None,
     ) -> "Classifier":
         """A classifier over precomputed per-class inputs instead of class tokens: `cond`
         (K, L, d) UNet conditioning for the diffusion and hybrid scorers, `text_features`
-        (K, P) L2-normalised CLIP text embeddings for the clip and hybrid scorers (e.g. the
-        prompts of true class names, or conditioning another classifier already computed)."""
+        (K, P) L2-normalised CLIP text embeddings for the clip, hybrid and fused scorers (e.g.
+        the prompts of true class names, or conditioning another classifier already computed)."""
         _check_scorer(scorer, hybrid_m)
-        if (scorer != "clip" and cond is None) or (scorer != "diffusion" and text_features is None):
+        diffused = scorer in ("diffusion", "hybrid")
+        if (diffused and cond is None) or (scorer != "diffusion" and text_features is None):
             need = {
                 "diffusion": "cond",
                 "clip": "text_features",
                 "hybrid": "cond and text_features",
+                "fused": "text_features",
             }
             raise ValueError(f"the {scorer} scorer needs {need[scorer]}")
         clf = cls.__new__(cls)
         clf._build(
-            bundle, scorer, cond, text_features, hybrid_m, n_samples, to_keep, batch_rows, seed
+            bundle,
+            scorer,
+            cond,
+            text_features,
+            hybrid_m,
+            n_samples,
+            to_keep,
+            batch_rows,
+            seed,
+            fused,
         )
         return clf
 
@@ -278,9 +298,11 @@ class Classifier:
         table: TokenTable,
         settings: "ScorerSettings",
         scorer: str,
+        fused: FusedState | None = None,
     ) -> "Classifier":
         """The classifier of a settings object's scorer fields (hybrid_m, n_samples, to_keep,
-        batch_rows, template, seed): `mcti eval/classify` and the server build theirs here."""
+        batch_rows, template, seed): `mcti eval/classify` and the server build theirs here.
+        `fused`: the token set's fused state (mcti.core.fused.load_fused), for the fused scorer."""
         return cls(
             bundle,
             tokens,
@@ -292,6 +314,7 @@ class Classifier:
             batch_rows=settings.batch_rows,
             template=settings.template,
             seed=settings.seed,
+            fused=fused,
         )
 
     def _build(
@@ -305,13 +328,20 @@ class Classifier:
         to_keep: str | list[int],
         batch_rows: int,
         seed: int,
+        fused: FusedState | None = None,
     ) -> None:
         self.bundle, self.kind, self.hybrid_m = bundle, scorer, hybrid_m
-        self.K = len(cond) if scorer != "clip" else len(text)
-        self.clip = self.diffusion = None
+        self.K = len(cond) if scorer in ("diffusion", "hybrid") else len(text)
+        self.clip = self.diffusion = self.fused = None
         if scorer != "diffusion":
             self.clip = ClipScorer.from_text_features(bundle, text)
-        if scorer != "clip":
+        if scorer == "fused":
+            if fused is None or fused.num_classes != self.K:
+                raise UserError(
+                    f"the fused scorer needs the token set's fused state ({self.K} classes)"
+                )
+            self.fused = fused
+        elif scorer != "clip":
             # hybrid: diffusion ranks only the clip prefilter's top m, so keep at most m
             m = min(hybrid_m, self.K) if scorer == "hybrid" else self.K
             schedule = parse_schedule(n_samples, to_keep, m)
@@ -323,6 +353,10 @@ class Classifier:
     def score(self, pixels: torch.Tensor) -> Scores:
         if self.kind == "clip":
             return self.clip.score_pixels(pixels)
+        if self.kind == "fused":
+            f = self.bundle.clip_image_features(pixels).float().cpu()  # (B, P)
+            logp = self.fused.logits(f, f @ self.clip.text.float().cpu().T).log_softmax(1)
+            return Scores(logp, torch.zeros_like(logp, dtype=torch.long), 0, logp.exp())
         x0 = self.bundle.encode_images(pixels)
         if self.kind == "diffusion":
             return self.diffusion.score_latents(x0)
@@ -338,6 +372,7 @@ class Classifier:
         table: TokenTable,
         settings,
         scorers: list[str],
+        fused: FusedState | None = None,
     ) -> dict[str, "Classifier"]:
         """One classifier per scorer of one token set (the server hosts them side by side), built
         as `from_settings` builds each, with the token conditioning computed once: diffusion and
@@ -362,4 +397,4 @@ class Classifier:
                 return encoded[key]
 
         view = Remembering()
-        return {s: cls.from_settings(bundle, view, table, settings, s) for s in scorers}
+        return {s: cls.from_settings(bundle, view, table, settings, s, fused) for s in scorers}

@@ -1,4 +1,5 @@
-"""`mcti eval` and `mcti classify`: score images with a token set; accuracy and confusion."""
+"""`mcti eval` and `mcti classify`: score images with a token set; accuracy, confusion and, for
+scorers with calibrated probabilities (fused), expected calibration error."""
 
 import time
 from dataclasses import dataclass
@@ -7,6 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mcti.core.fused import load_fused
 from mcti.core.model import ModelBundle, load_model
 from mcti.core.scoring import Classifier, Scores
 from mcti.core.store import load_tokens, read_meta
@@ -30,7 +32,8 @@ def load_classifier(cfg: ScoreArgs, bundle: ModelBundle | None = None) -> Loaded
     tokens, table, labels, meta = load_tokens(cfg.tokens, bundle)
     if cfg.batch_images < 1:
         raise UserError("--batch-images must be >= 1")
-    clf = Classifier.from_settings(bundle, tokens, table, cfg, cfg.scorer)
+    fused = load_fused(cfg.tokens, len(labels)) if cfg.scorer == "fused" else None
+    clf = Classifier.from_settings(bundle, tokens, table, cfg, cfg.scorer, fused)
     return Loaded(bundle, labels, meta, clf)
 
 
@@ -43,11 +46,27 @@ def score_all(
         range(0, len(pixels), batch), desc=desc, unit="batch", disable=quiet, dynamic_ncols=True
     ):
         parts.append(loaded.classifier.score(pixels[i : i + batch]))
+    probs = [p.probs for p in parts]
     return Scores(
         torch.cat([p.scores for p in parts]),
         torch.cat([p.stage for p in parts]),
         sum(p.unet_rows for p in parts),
+        torch.cat(probs) if all(p is not None for p in probs) else None,
     )
+
+
+def expected_calibration_error(probs: torch.Tensor, truth: torch.Tensor, bins: int = 15) -> float:
+    """ECE of the top-1 probability: sum over equal-width confidence bins of
+    (bin share) * |accuracy - mean confidence|. probs (N, K), truth (N,)."""
+    conf, pred = probs.max(1)
+    correct = (pred == truth).float()
+    which = (conf * bins).long().clamp(max=bins - 1)  # (N,) bin of each image
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += float(m.float().mean()) * abs(float(correct[m].mean() - conf[m].mean()))
+    return ece
 
 
 def evaluate(
@@ -102,6 +121,9 @@ def evaluate(
         out["rejected_fraction"] = round(float((~kept_mask).float().mean()), 4)
         out["accuracy_with_reject"] = int(((pred == truth) & kept_mask).sum()) / len(kept)
         out["rejection_scores"] = rej.tolist()
+    if s.probs is not None:
+        out["ece"] = expected_calibration_error(s.probs, truth)
+        out["probs"] = [[round(float(x), 5) for x in row] for row in s.probs]
     if K > 5:
         out["top5"] = int((ranking[:, :5] == truth.view(-1, 1)).any(1).sum()) / len(kept)
     return out

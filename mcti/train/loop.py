@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mcti.core.fused import fit_for_tokens, save_fused
 from mcti.core.model import ModelBundle, load_model
 from mcti.core.objectives import Objective, ObjectiveSettings, sample_draws
 from mcti.core.store import read_meta, save_tokens, write_tokens
 from mcti.core.tokens import TokenSet, TokenTable
 from mcti.data.coop import open_dataset, pick_shots
-from mcti.data.folders import ImageFolder, load_shots
+from mcti.data.folders import ImageFolder, load_images, load_shots
 from mcti.errors import UserError
 from mcti.settings import TrainArgs, check_settings, part
 from mcti.train.checkpoint import Checkpoint
@@ -195,7 +196,19 @@ def train(cfg: TrainArgs, bundle: ModelBundle | None = None) -> Prepared:
         log = RunLog(out / "metrics.jsonl")
         log.trim(step)  # a resumed run redoes the steps after its checkpoint
         run_steps(cfg, p, opt, gen, fp, step, log)
+        save_fused_state(cfg, p)
     return p
+
+
+def save_fused_state(cfg: TrainArgs, p: Prepared) -> None:
+    """The fused scorer's state (mcti.core.fused) of the finished tokens, fitted on their shots;
+    none without a CLIP vision tower (the fused scorer then says so)."""
+    if p.bundle.clip is None:
+        return
+    where = {path: i for i, path in enumerate(p.data.paths)}
+    idx = [where[path] for path in p.shot_paths]
+    pixels, _ = load_images(p.data, idx, p.bundle.resolution, quiet=True)  # (N, 3, H, W)
+    save_fused(cfg.out, fit_for_tokens(p.bundle, p.tokens, p.table, pixels, p.labels))
 
 
 def run_steps(

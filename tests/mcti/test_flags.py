@@ -84,9 +84,9 @@ def test_launch_flags_reproduce_the_arguments():
         ("train", "--method", ("mcti", "ti")),
         ("train", "--reg", ("denoise", "clip")),
         ("train", "--precision", ("fp32", "bf16", "fp16")),
-        ("eval", "--scorer", ("diffusion", "clip", "hybrid")),
+        ("eval", "--scorer", ("diffusion", "clip", "hybrid", "fused")),
         ("classify", "--attention", ("auto", "sdpa", "xformers")),
-        ("serve", "--scorer", ("diffusion", "clip", "hybrid")),
+        ("serve", "--scorer", ("diffusion", "clip", "hybrid", "fused")),
     ],
 )
 def test_literal_settings_become_argparse_choices(command, flag, choices):
