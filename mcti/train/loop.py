@@ -202,8 +202,9 @@ def train(cfg: TrainArgs, bundle: ModelBundle | None = None) -> Prepared:
 
 def save_fused_state(cfg: TrainArgs, p: Prepared) -> None:
     """The fused scorer's state (mcti.core.fused) of the finished tokens, fitted on their shots;
-    none without a CLIP vision tower (the fused scorer then says so)."""
-    if p.bundle.clip is None:
+    none without a CLIP vision tower, and none for an extension (--extend), whose old classes'
+    shot features are not stored with their set yet: the fused scorer then says so."""
+    if p.bundle.clip is None or p.extension is not None:
         return
     where = {path: i for i, path in enumerate(p.data.paths)}
     idx = [where[path] for path in p.shot_paths]

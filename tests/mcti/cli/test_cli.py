@@ -209,7 +209,7 @@ def _mistakes(data: Path, tok: Path, tmp: Path) -> dict[str, list[str]]:
             "train", "--method", "dreambooth", "--data", str(data), *out, *TRAIN,
             "--model", str(notmodel),
         ],
-        "--scorer must be one of diffusion, clip, hybrid (not 'knn')": [
+        "--scorer must be one of diffusion, clip, hybrid, fused (not 'knn')": [
             "classify", "--scorer", "knn", *scorer, image, "--model", str(notmodel),
         ],
         "--precision must be one of fp32, bf16, fp16": [
