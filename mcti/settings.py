@@ -230,6 +230,8 @@ class ScorerSettings(Settings):
     """Prompt used for each class token; {} becomes the token."""
     seed: int = 0
     """Seed of the (t, eps) grid; scores are deterministic for a seed (the server's are those of `mcti classify` with the same seed)."""
+    stop_level: Fraction = 0.0
+    """Diffusion scorer: significance level of early stopping (0: off, the full schedule). After each 8 timesteps a class whose paired per-t errors are significantly above the leader's (one-sided t test at this level, Bonferroni over the classes) is dropped, so easy images stop early; 0.05 measured in benchmarks/diffusion_rows.py."""
 
 
 @dataclass

@@ -329,13 +329,16 @@ class Classifier:
         batch_rows: int = 256,
         template: str = TEMPLATES[0],
         seed: int = 0,
+        stop_level: float = 0.0,
     ):
         _check_scorer(scorer, hybrid_m)
         prompts = [tokens.prompt(k, template) for k in range(tokens.num_classes)]
         with torch.no_grad():
             text = tokens.clip_text_features(table, prompts) if scorer != "diffusion" else None
             cond = tokens.class_conditioning(table, template) if scorer != "clip" else None
-        self._build(bundle, scorer, cond, text, hybrid_m, n_samples, to_keep, batch_rows, seed)
+        self._build(
+            bundle, scorer, cond, text, hybrid_m, n_samples, to_keep, batch_rows, seed, stop_level
+        )
 
     @classmethod
     def from_conditioning(
@@ -390,6 +393,7 @@ class Classifier:
             batch_rows=settings.batch_rows,
             template=settings.template,
             seed=settings.seed,
+            stop_level=settings.stop_level,
         )
 
     def _build(
@@ -403,6 +407,7 @@ class Classifier:
         to_keep: str | list[int],
         batch_rows: int,
         seed: int,
+        stop_level: float = 0.0,
     ) -> None:
         self.bundle, self.kind, self.hybrid_m = bundle, scorer, hybrid_m
         self.K = len(cond) if scorer != "clip" else len(text)
@@ -414,7 +419,7 @@ class Classifier:
             m = min(hybrid_m, self.K) if scorer == "hybrid" else self.K
             schedule = parse_schedule(n_samples, to_keep, m)
             self.diffusion = DiffusionScorer.from_conditioning(
-                bundle, cond, schedule, batch_rows, seed
+                bundle, cond, schedule, batch_rows, seed, stop_level
             )
 
     @torch.no_grad()

@@ -263,3 +263,15 @@ def test_separation_by_t_on_the_unet(tiny_bundle, token_set):
     b = separation_by_t(tiny_bundle, cond, x0, labels, bins=4, draws=2, batch_rows=64)
     assert a.shape == (4,) and (a >= 0).all() and torch.isfinite(a).all()
     torch.testing.assert_close(a, b)
+
+
+def test_stop_level_setting_reaches_the_diffusion_scorer(tiny_bundle, token_set):
+    from mcti.settings import ScorerSettings
+
+    tokens, table = token_set
+    clf = Classifier.from_settings(
+        tiny_bundle, tokens, table, ScorerSettings(stop_level=0.05), "diffusion"
+    )
+    assert clf.diffusion.stop_level == 0.05
+    with pytest.raises(UserError, match="--stop-level"):
+        Classifier(tiny_bundle, tokens, table, stop_level=1.0)
