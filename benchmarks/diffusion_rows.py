@@ -3,8 +3,8 @@ against a short schedule with the significance rule and a calibrated timestep gr
 token set, images and noise seed, side by side in one run.
 
 The token set's own shots (picked as `mcti train` picked them: --shots/--seed of its
-classes.json) calibrate the timestep density (`separation_by_t`, written to
-TOKENS-free OUT json, never to the token directory); the test images are the other images of
+classes.json; the first --calib-shots of each class) calibrate the timestep density
+(`separation_by_t`, reported in --out, never written to the token directory); the test images are the other images of
 DATA, the first --per-class of each class in file order.
 
     python benchmarks/diffusion_rows.py --tokens DEMO/tokens --data DEMO/data --per-class 2 \
