@@ -245,6 +245,8 @@ class ScorerSettings(Settings):
     """Open set: label an image `unknown` when its rejection score (mcti/core/openset.py) is below a threshold: off, auto (set on the training shots, leave-one-out, for --known-recall; saved with the tokens) or a number (the threshold itself; write a negative one as --reject=-2.5). The server: the default of a request's `reject`."""
     known_recall: Annotated[float, Bounds(gt=0, le=1)] = 0.95
     """--reject auto: fraction of known-class images to accept."""
+    stop_level: Fraction = 0.0
+    """Diffusion scorer: significance level of early stopping (0: off, the full schedule). After each 8 timesteps a class whose paired per-t errors are significantly above the leader's (one-sided t test at this level, Bonferroni over the classes) is dropped, so easy images stop early; 0.05 measured in benchmarks/diffusion_rows.py."""
 
 
 @dataclass
