@@ -1,12 +1,20 @@
-"""Helpers the benchmarks and tests share: synthetic images, a random token set, latency
-percentiles, a plain-text table and the memory of a process tree. Import as `benchmarks.common` (a benchmark run as a script
+"""Helpers the benchmarks and tests share: a free loopback port, synthetic images, a random token
+set, latency percentiles, a plain-text table and the memory of a process tree. Import as `benchmarks.common` (a benchmark run as a script
 puts the repository root on sys.path first)."""
 
 import io
+import socket
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def square_on_noise(rng: np.random.Generator, size: int, colour=None) -> np.ndarray:

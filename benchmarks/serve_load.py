@@ -41,7 +41,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -57,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: `benchmarks.common` and the packages
 
 from benchmarks.common import (  # noqa: E402
+    free_port,
     percentiles,
     process_memory,
     random_token_set,
@@ -280,9 +280,7 @@ def served(args):
 
     from serving.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(
         num_cpus=args.cpus or 2,
         include_dashboard=False,
@@ -448,9 +446,7 @@ def measure_swap(args, pngs: list[bytes], tmp: Path) -> dict:
         for i, extra in enumerate((["new-0"], ["new-0", "new-1"]))
     ]
     del bundle
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(
         num_cpus=args.cpus or 2,
         include_dashboard=False,

@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.common import random_token_set
+from benchmarks.common import free_port, random_token_set
 from mcti.cli.serve import patient_proxy_checks
 from mcti.data.images import load_image
 from serving.local_ray import REQUEST_TIMEOUT_S
@@ -70,12 +70,6 @@ class Server:
         return requests.post(f"{self.url}/v1/classify", files=files, data=data, timeout=timeout)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_bundle):
     from ray import serve
@@ -94,7 +88,7 @@ def server(tmp_path_factory, tiny_bundle):
         ("b", "diffusion"): library_classify(images, sets["b"], "diffusion", 4),
         ("b", "clip"): library_classify(images, sets["b"], "clip", 4),
     }
-    port = _free_port()
+    port = free_port()
     patient_proxy_checks()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
     try:

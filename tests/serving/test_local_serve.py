@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -20,19 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import random_token_set
+from benchmarks.common import free_port, random_token_set
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def session_pids(sid: int) -> set[int]:
@@ -127,7 +120,7 @@ def test_serve_binds_loopback_only_with_token_auth_and_stops_cleanly(tmp_path, t
     token = home / ".ray" / "auth_token"
     token.write_text("0123456789abcdef" * 4)
     token.chmod(0o644)  # as Ray writes it: every local user can read it
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
         env.pop(var, None)

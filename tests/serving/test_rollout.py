@@ -5,7 +5,6 @@ classifier's user_config), then updated with new user_configs while requests kee
 
 import json
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import random_token_set
+from benchmarks.common import free_port, random_token_set
 from mcti.cli.serve import patient_proxy_checks
 from serving.local_ray import REQUEST_TIMEOUT_S, deploy, wait_running
 from tests.conftest import make_image_folder
@@ -52,12 +51,6 @@ class Live:
         deploy(cfg, versions or {})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_bundle):
     from ray import serve
@@ -77,7 +70,7 @@ def live(tmp_path_factory, tiny_bundle):
         max_ongoing_requests=8,
         max_queued_requests=64,
     )
-    port = _free_port()
+    port = free_port()
     patient_proxy_checks()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
     try:

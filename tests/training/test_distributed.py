@@ -14,7 +14,6 @@ uninterrupted one (atol 1e-6).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.common import free_port
 from mcti.core.store import load_tokens
 from tests.training.conftest import SMALL, cli_flags, small_args, token_matrix
 from training.launch import launch_local, main
@@ -88,12 +88,6 @@ def test_zero_stages_give_loadable_and_equal_tokens(
     torch.testing.assert_close(token_matrix(out), token_matrix(reference), atol=1e-5, rtol=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_killed_rank_stops_the_job_and_resume_ends_where_an_uninterrupted_run_does(
     reference, data_dir, tmp_path, tiny_bundle
 ):
@@ -104,7 +98,7 @@ def test_a_killed_rank_stops_the_job_and_resume_ends_where_an_uninterrupted_run_
     flags = cli_flags(data_dir, out, steps=1000, timeout_s=20.0, **zero2)  # killed mid-run
     drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env.update(OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(
