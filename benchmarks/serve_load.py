@@ -272,13 +272,10 @@ def app_config(args, max_batch_size: int, batch_wait: float, generate: bool) -> 
 
 
 @contextmanager
-def served(args):
-    """Both variants on one local Ray instance, one classifier replica each (so rounds can
-    alternate): yields {variant: url}; generation is enabled on the batched app only."""
+def local_serve(args):
+    """A local Ray instance with Serve's HTTP proxy on a free loopback port: yields the port."""
     import ray
     from ray import serve
-
-    from serving.app import build_app
 
     port = free_port()
     ray.init(
@@ -289,15 +286,27 @@ def served(args):
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@contextmanager
+def served(args):
+    """Both variants on one local Ray instance, one classifier replica each (so rounds can
+    alternate): yields {variant: url}; generation is enabled on the batched app only."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    with local_serve(args) as port:
         batching = {"batched": (args.max_batch_size, args.batch_wait), "max_batch_size=1": (1, 0.0)}
         for mode, prefix in MODES.items():
             cfg = app_config(args, *batching[mode], generate=mode == "batched")
             print(f"deploying {mode} at /{prefix} ...", file=sys.stderr)
             serve.run(build_app(cfg), name=f"mcti-{prefix}", route_prefix=f"/{prefix}")
         yield {m: f"http://127.0.0.1:{port}/{p}" for m, p in MODES.items()}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def measure_concurrency(args, call, urls: dict, pngs: list[bytes]) -> tuple[dict, dict | None]:
@@ -431,7 +440,6 @@ def roll_out(url: str, pngs: list[bytes], clients: int, update, new_label: str) 
 
 def measure_swap(args, pngs: list[bytes], tmp: Path) -> dict:
     """A user_config roll-out, then one with an args change (a new replica), under load."""
-    import ray
     from ray import serve
 
     from mcti.core.model import load_model
@@ -446,15 +454,7 @@ def measure_swap(args, pngs: list[bytes], tmp: Path) -> dict:
         for i, extra in enumerate((["new-0"], ["new-0", "new-1"]))
     ]
     del bundle
-    port = free_port()
-    ray.init(
-        num_cpus=args.cpus or 2,
-        include_dashboard=False,
-        object_store_memory=100 * 2**20,
-        log_to_driver=False,
-    )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(args) as port:
         settings = app_config(args, args.max_batch_size, args.batch_wait, generate=False)
         settings["num_cpus"] = 1  # a new replica (the args roll-out) fits next to the old one
         deploy(load_config(settings), {})
@@ -473,9 +473,6 @@ def measure_swap(args, pngs: list[bytes], tmp: Path) -> dict:
             url, pngs, args.swap_clients, lambda: deploy(cfg, {}), "new-1"
         )
         return out
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def report_swap(swap: dict) -> None:
