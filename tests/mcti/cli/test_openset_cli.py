@@ -107,31 +107,11 @@ def test_open_set_mistakes_are_one_line(trained, capsys, tmp_path):
     meta = json.loads((moved / "classes.json").read_text())
     meta["data_root"] = str(tmp_path / "gone")
     (moved / "classes.json").write_text(json.dumps(meta))
-    err = run_err(
-        capsys,
-        [
-            "classify",
-            "--tokens",
-            str(moved),
-            str(data / "sku-0000" / "img0.png"),
-            *CPU,
-            "--reject",
-            "auto",
-        ],
-    )
+    classify_moved = ["classify", "--tokens", str(moved), str(data / "sku-0000" / "img0.png")]
+    classify_moved += [*CPU, "--reject", "auto"]
+    err = run_err(capsys, classify_moved)
     assert "none of them is readable" in err
     (moved / openset.JSON_FILE).write_text("{")
     (moved / openset.ARRAYS_FILE).write_text("")
-    err = run_err(
-        capsys,
-        [
-            "classify",
-            "--tokens",
-            str(moved),
-            str(data / "sku-0000" / "img0.png"),
-            *CPU,
-            "--reject",
-            "auto",
-        ],
-    )
+    err = run_err(capsys, classify_moved)
     assert "corrupt" in err
