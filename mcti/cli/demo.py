@@ -76,7 +76,7 @@ def feature_references(bundle, data, shot_idx: list[int], eval_idx: list[int], t
     }
     if has_fused(tokens):
         preds["cache"] = load_fused(tokens, len(labels)).cache_logp(fe).argmax(1)
-    return {k: float((p == ye).float().mean()) for k, p in preds.items()}
+    return {k: round(float((p == ye).float().mean()), 4) for k, p in preds.items()}
 
 
 def true_name_baseline(bundle, data, eval_idx, names: dict, a: DemoArgs) -> float:
