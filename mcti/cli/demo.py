@@ -146,6 +146,7 @@ def run(a: DemoArgs) -> None:
     import torch
 
     from mcti.atomic import atomic_write_json
+    from mcti.core.fused import has_fused
     from mcti.core.model import load_model
     from mcti.core.store import load_tokens
     from mcti.data.folders import scan_folder
@@ -208,8 +209,6 @@ def run(a: DemoArgs) -> None:
     results = {}
     meta_files = set(p.shot_paths)
     eval_idx = None
-    from mcti.core.fused import has_fused
-
     scorers = ["diffusion"]
     if bundle.clip is not None:  # clip: the tokens alone; fused: tokens + the shots' cache
         scorers += ["clip", "fused"] if has_fused(out / "tokens") else ["clip"]
