@@ -9,6 +9,7 @@ against idle (p50/p95 ratio; generation has its own bounded queue and yields to 
     python benchmarks/serve_load.py --concurrency 1,8 --requests 32 --seconds 20   # quicker
     python benchmarks/serve_load.py --concurrency "" --requests 24   # only classify vs generation
     python benchmarks/serve_load.py --swap     # only: roll out a token set under load (below)
+    python benchmarks/serve_load.py --classes 10,1000 --model embedded  # only: cost against K
 
 Both variants run as two Serve applications (/b batched, /u max_batch_size=1), one classifier
 replica each with its own CPU, so that they can be compared under the same background load: at
@@ -32,6 +33,10 @@ takes: Serve starts a new replica and stops the old one). For each: seconds from
 the first answer naming the new label, failed requests, the classify p50/p95 before and during
 the roll-out (requests in flight between the update and that first answer), and whether the
 replica process is the same.
+
+--classes K1,K2,... measures serving cost against the number of classes instead (token-set
+load time, replica memory per class, /v1/token-sets and per-scorer /v1/classify latency):
+benchmarks/serve_classes.py says how.
 
 (Over 400 lines: one benchmark whose four measurements share one Serve instance; each is a
 function of its own, and `main` only sequences them.)
@@ -215,7 +220,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny-random")
     ap.add_argument("--tokens", default="", help="token dir (default: a random set for --model)")
-    ap.add_argument("--classes", type=int, default=3, help="classes of the random token set")
+    ap.add_argument(
+        "--classes",
+        default="3",
+        help="classes of the random token set; several (e.g. 10,1000): only measure serving "
+        "cost against K (benchmarks/serve_classes.py)",
+    )
+    ap.add_argument("--shots", type=int, default=5, help="--classes K,K: cache shots per class")
     ap.add_argument("--device", default="cpu")
     # A light schedule (20 UNet rows an image here) gives enough requests per minute on a small
     # CPU for stable throughput numbers, and is the hard case for the overhead ratio.
@@ -251,6 +262,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--swap-clients", type=int, default=4, help="clients during a roll-out")
     args = ap.parse_args(argv)
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.class_counts = sorted({int(k) for k in args.classes.split(",") if k.strip()})
+    args.classes = args.class_counts[0]
     return args
 
 
@@ -570,6 +583,21 @@ def main(argv: list[str] | None = None) -> int:
     pngs = synthetic_pngs(8, bundle.resolution)
     del bundle
 
+    if len(args.class_counts) > 1:
+        from benchmarks.serve_classes import measure_classes, report_classes
+
+        settings = {k: v for k, v in vars(args).items() if k != "concurrencies"}
+        try:
+            results = {"settings": settings}
+            results["classes"] = measure_classes(
+                args, app_config, local_serve, pngs, Path(tmp.name)
+            )
+        finally:
+            tmp.cleanup()
+        report_classes(results["classes"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
     if args.swap:
         try:
             results = {"settings": {k: v for k, v in vars(args).items() if k != "concurrencies"}}

@@ -184,6 +184,8 @@ class MctiClassifier:
                     out[i] = {
                         "labels": [labels[c] for c in top],
                         "scores": [v if v != float("-inf") else None for v in vals],
+                        # calibrated probabilities of the same labels (scorers that have them)
+                        "probs": None if s.probs is None else s.probs[j, top].tolist(),
                         "batch_size": len(items),  # images in this batch, all groups
                         "queue_ms": (start - items[i]["arrived"]) * 1e3,
                         "score_ms": ms,

@@ -12,8 +12,9 @@ notices a new list from the answers and asks for it again.
 
 import asyncio
 import time
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.responses import Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -43,6 +44,7 @@ from serving.schemas import (
 
 HEALTH_TIMEOUT_S = 3.0  # /healthz: a classifier that does not answer within this is unhealthy
 INFO_REFRESH_S = 1.0  # an unknown token set asks the classifier again at most this often
+LABELS_PAGE, MAX_LABELS_PAGE = 1000, 10_000  # /v1/token-sets: labels per set, default and most
 BUSY = {"Retry-After": "1"}
 
 
@@ -142,6 +144,7 @@ class Ingress:
         return {
             "labels": r["labels"],
             "scores": r["scores"],
+            "probs": r["probs"],
             "token_set": key,
             "scorer": scorer,
             **open_set_fields(r),
@@ -157,7 +160,19 @@ class Ingress:
         }
 
     @app.get("/v1/token-sets", response_model=TokenSetsResponse, summary="Hosted token sets")
-    async def token_sets(self) -> dict:
+    async def token_sets(
+        self,
+        offset: Annotated[
+            int, Query(ge=0, description="First label of each set to list (0: the first).")
+        ] = 0,
+        limit: Annotated[
+            int,
+            Query(ge=1, le=MAX_LABELS_PAGE, description="Labels listed per set, at most."),
+        ] = LABELS_PAGE,
+    ) -> dict:
+        """Each set's labels a page at a time (`offset`, `limit`): a set of thousands of
+        classes answers with one page and its `n_classes`, and `next_offset` asks for the
+        next; a set that fits in the page lists them all."""
         info = await self.info()
         return {
             "default": info["default"],
@@ -168,7 +183,9 @@ class Ingress:
                     "id": k,
                     "default": k == info["default"],
                     "n_classes": len(v["labels"]),
-                    "labels": v["labels"],
+                    "labels": v["labels"][offset : offset + limit],
+                    "labels_offset": offset,
+                    "next_offset": offset + limit if offset + limit < len(v["labels"]) else None,
                     "base_model": v["base_model"],
                     "method": v["method"],
                 }

@@ -57,6 +57,12 @@ class ClassifyResponse(BaseModel):
         description="Their scores, higher is better (diffusion: -mean denoising error; clip: cosine); "
         "null where the hybrid prefilter never scored the class."
     )
+    probs: list[float] | None = Field(
+        None,
+        description="Calibrated class probabilities of the same labels (softmax with a "
+        "temperature fitted on the training shots; over all the set's classes, so the top-k "
+        "sum to at most 1); null when the scorer has none (only fused has them).",
+    )
     token_set: str
     scorer: Scorer
     batch_size: int = Field(description="Requests scored in the same batch as this one.")
@@ -69,8 +75,14 @@ class ClassifyResponse(BaseModel):
 class TokenSetInfo(BaseModel):
     id: str
     default: bool
-    n_classes: int
-    labels: list[str]
+    n_classes: int = Field(description="Classes of the set (all of them, listed or not).")
+    labels: list[str] = Field(
+        description="Its labels from `labels_offset`, at most the request's `limit`."
+    )
+    labels_offset: int = Field(description="Index of the first label listed.")
+    next_offset: int | None = Field(
+        description="The `offset` that lists the next labels; null when none are left."
+    )
     base_model: str
     method: str | None = None
 

@@ -3,9 +3,13 @@
 1. Writes held-out images of a real offline dataset (mcti.data.offline; never used in pretraining)
    as DIR/data/<opaque key>/<png>: the method sees keys like `c03`, never the class names.
 2. Learns one token per class from 5 shots (`mcti.train.train`, MC-TI) on the embedded model.
-3. Evaluates on the other held-out images (diffusion and clip scorers), beside a logistic
-   regression on the raw pixels of the same shots and, with --reference, the model's zero-shot
-   accuracy when it *is* told the true class names (the only place names are used).
+3. Evaluates on the other held-out images with each scorer (diffusion; clip: the tokens alone;
+   fused: the tokens plus a cache of the shots' image features, calibrated) and the cache alone,
+   so the table says what each part adds; beside the reference a user would pick instead: a
+   linear probe and the nearest class mean on the model's own CLIP image features of the same
+   shots (a logistic regression on their raw pixels as an extra line) and, with --reference,
+   the model's zero-shot accuracy when it *is* told the true class names (the only place names
+   are used).
 4. Writes the accuracy table, a confusion-matrix PNG, a grid of generated samples per class and
    summary.json, and says where they are.
 """
@@ -17,7 +21,7 @@ from pathlib import Path
 from mcti.errors import UserError
 from mcti.settings import DemoArgs, ObjectiveSettings, ScoreArgs, TrainArgs, part
 
-__all__ = ["DemoArgs", "pixel_baseline", "run", "true_name_baseline"]
+__all__ = ["DemoArgs", "feature_references", "pixel_baseline", "run", "true_name_baseline"]
 
 
 def _quick(a: DemoArgs) -> DemoArgs:
@@ -44,6 +48,35 @@ def pixel_baseline(data, shot_idx: list[int], eval_idx: list[int], size: int) ->
     clf.fit(xs.flatten(1).numpy(), [data.labels[i] for i in ks])
     pred = clf.predict(xe.flatten(1).numpy())
     return float((pred == [data.labels[i] for i in ke]).mean())
+
+
+def feature_references(bundle, data, shot_idx: list[int], eval_idx: list[int], tokens) -> dict:
+    """Accuracy on the eval images of the classifiers on the model's CLIP image features of the
+    same shots: the linear probe and nearest class mean (mcti.eval.baselines, what a user would
+    pick instead of tokens) and the fused scorer's cache alone (its tokens weighted 0), when the
+    token directory has the fused state."""
+    import torch
+
+    from mcti.core.fused import has_fused, load_fused
+    from mcti.core.store import read_meta
+    from mcti.data.folders import load_images
+    from mcti.eval.baselines import linear_probe, nearest_class_mean
+
+    labels = list(read_meta(tokens)["classes"])  # the token set's class order
+    xs, ks = load_images(data, shot_idx, bundle.resolution, quiet=True)  # (S, 3, H, W)
+    xe, ke = load_images(data, eval_idx, bundle.resolution, quiet=True)  # (N, 3, H, W)
+    ys = torch.tensor([labels.index(data.classes[data.labels[i]]) for i in ks])  # (S,)
+    ye = torch.tensor([labels.index(data.classes[data.labels[i]]) for i in ke])  # (N,)
+    with torch.no_grad():
+        fs = bundle.clip_image_features(xs).float().cpu()  # (S, P)
+        fe = bundle.clip_image_features(xe).float().cpu()  # (N, P)
+    preds = {
+        "probe": linear_probe(fs, ys, fe),
+        "ncm": nearest_class_mean(fs, ys, fe, len(labels)),
+    }
+    if has_fused(tokens):
+        preds["cache"] = load_fused(tokens, len(labels)).cache_logp(fe).argmax(1)
+    return {k: round(float((p == ye).float().mean()), 4) for k, p in preds.items()}
 
 
 def true_name_baseline(bundle, data, eval_idx, names: dict, a: DemoArgs) -> float:
@@ -113,6 +146,7 @@ def run(a: DemoArgs) -> None:
     import torch
 
     from mcti.atomic import atomic_write_json
+    from mcti.core.fused import has_fused
     from mcti.core.model import load_model
     from mcti.core.store import load_tokens
     from mcti.data.folders import scan_folder
@@ -175,7 +209,10 @@ def run(a: DemoArgs) -> None:
     results = {}
     meta_files = set(p.shot_paths)
     eval_idx = None
-    for scorer in ("diffusion", "clip") if bundle.clip is not None else ("diffusion",):
+    scorers = ["diffusion"]
+    if bundle.clip is not None:  # clip: the tokens alone; fused: tokens + the shots' cache
+        scorers += ["clip", "fused"] if has_fused(out / "tokens") else ["clip"]
+    for scorer in scorers:
         sa = ScoreArgs(
             model=a.model,
             device=a.device,
@@ -192,6 +229,8 @@ def run(a: DemoArgs) -> None:
         results[scorer] = evaluate(loaded, data, eval_idx, 16)
     shot_idx = [data.paths.index(s) for s in p.shot_paths]
     results["pixels_logreg"] = pixel_baseline(data, shot_idx, eval_idx, bundle.resolution)
+    if bundle.clip is not None:
+        results["features"] = feature_references(bundle, data, shot_idx, eval_idx, out / "tokens")
     if a.reference:
         results["true_names_zero_shot"] = true_name_baseline(bundle, data, eval_idx, names, a)
     times["eval_s"] = time.perf_counter() - t
@@ -211,6 +250,7 @@ def run(a: DemoArgs) -> None:
     times["total_s"] = time.perf_counter() - t0
 
     _print_table(results, names, novel, a)
+    features = results.get("features", {})
     summary = {
         "dataset": a.dataset,
         "model": a.model,
@@ -219,6 +259,13 @@ def run(a: DemoArgs) -> None:
         "accuracy": results["diffusion"]["accuracy"],
         "per_class": results["diffusion"]["per_class"],
         "clip_accuracy": results.get("clip", {}).get("accuracy"),
+        # what each part adds: the tokens alone (clip), the shots' cache alone, both (fused)
+        "fused_accuracy": results.get("fused", {}).get("accuracy"),
+        "fused_ece": results.get("fused", {}).get("ece"),
+        "cache_accuracy": features.get("cache"),
+        # the reference a user would pick instead: the model's own CLIP image features
+        "linear_probe_accuracy": features.get("probe"),
+        "nearest_class_mean_accuracy": features.get("ncm"),
         "pixels_logreg_accuracy": results["pixels_logreg"],
         "true_names_zero_shot_accuracy": results.get("true_names_zero_shot"),
         "n_eval_images": results["diffusion"]["n_images"],
@@ -272,10 +319,28 @@ def _print_table(results: dict, names: dict, novel: set, a: DemoArgs) -> None:
             else ""
         )
     )
+    f, feats = results.get("fused"), results.get("features", {})
     if c:
-        print(f"  clip scorer           {c['accuracy']:.1%}")
+        print(f"  clip scorer           {c['accuracy']:.1%}  (the tokens alone)")
+    if "cache" in feats:
+        print(
+            f"  cache alone           {feats['cache']:.1%}  (the shots' image features, no tokens)"
+        )
+    if f:
+        adds = [f"ECE {f['ece']:.3f}"] if "ece" in f else []
+        if "cache" in feats:
+            adds.append(f"the tokens add {100 * (f['accuracy'] - feats['cache']):+.1f} points")
+        if c:
+            adds.append(f"the cache adds {100 * (f['accuracy'] - c['accuracy']):+.1f}")
+        print(
+            f"  fused scorer          {f['accuracy']:.1%}  (tokens + cache, calibrated; {', '.join(adds)})"
+        )
+    if feats:
+        print("  reference, on the model's own CLIP image features of the same shots:")
+        print(f"    linear probe        {feats['probe']:.1%}")
+        print(f"    nearest class mean  {feats['ncm']:.1%}")
     print(
-        f"  reference: logistic regression on the raw pixels of the same shots {results['pixels_logreg']:.1%}"
+        f"  extra: logistic regression on the raw pixels of the same shots {results['pixels_logreg']:.1%}"
     )
     if "true_names_zero_shot" in results:
         print(

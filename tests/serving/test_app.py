@@ -41,8 +41,8 @@ MAX_BATCH, MAX_ONGOING, MAX_QUEUED = 4, 8, 8
 BODY_TIMEOUT_S, MAX_GENERATE_QUEUE = 2.0, 2
 
 
-def library_classify(paths: list[Path], tokens: Path, scorer: str, top_k: int) -> dict:
-    """`mcti classify --json` -> {rel(path): (labels, scores)}."""
+def library_json(paths: list[Path], tokens: Path, scorer: str, top_k: int) -> dict:
+    """`mcti classify --json` -> {rel(path): its result (labels, scores, probs when any)}."""
     from mcti.cli import main
 
     buf = io.StringIO()
@@ -50,7 +50,13 @@ def library_classify(paths: list[Path], tokens: Path, scorer: str, top_k: int) -
     args += ["--device", "cpu", "--scorer", scorer, "--top-k", str(top_k), "--json", *SCHEDULE]
     with redirect_stdout(buf):
         assert main(args) == 0
-    return {rel(Path(r["image"])): (r["labels"], r["scores"]) for r in json.loads(buf.getvalue())}
+    return {rel(Path(r["image"])): r for r in json.loads(buf.getvalue())}
+
+
+def library_classify(paths: list[Path], tokens: Path, scorer: str, top_k: int) -> dict:
+    """`mcti classify --json` -> {rel(path): (labels, scores)}."""
+    rows = library_json(paths, tokens, scorer, top_k)
+    return {k: (r["labels"], r["scores"]) for k, r in rows.items()}
 
 
 def rel(path: Path) -> str:
@@ -496,6 +502,119 @@ def test_reject_labels_unknown_and_stats_count_it(server, tiny_bundle):
     after = requests.get(f"{server.url}/v1/stats", timeout=30).json()["open_set"]
     assert after["checked"] - before["checked"] == 3
     assert after["rejected"] - before["rejected"] == 1 + (auto["label"] == "unknown")
+
+
+class TestFusedAndThousandsOfLabels:
+    """A second application on the same Serve instance (route /f): a token set trained on
+    tiny-random, with the fused scorer's state, and a random one of K = 1500 classes. Deleted
+    after these tests (the test below counts classifier replicas)."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def app(cls, server, tiny_bundle, tmp_path_factory):
+        from ray import serve
+
+        from mcti.cli import main
+        from mcti.core.fused import FusedParams, FusedState, save_fused
+        from serving.app import build_app
+        from tests.mcti.cli.test_cli import TRAIN
+
+        root = tmp_path_factory.mktemp("fused-app")
+        data = make_image_folder(root / "data", n_classes=3, per_class=5, seed=1)
+        fused = root / "tok-fused"
+        assert main(["train", "--data", str(data), "--out", str(fused), *TRAIN]) == 0
+        big = random_token_set(
+            tiny_bundle, root / "tok-big", [f"item-{k:05d}" for k in range(1500)]
+        )
+        # its fused state: random shot features, one per class (the fused scorer is enabled
+        # on this app, so every set needs one; its values do not matter here)
+        res = tiny_bundle.resolution
+        with torch.no_grad():
+            dim = tiny_bundle.clip_image_features(torch.zeros(1, 3, res, res)).shape[1]
+        g = torch.Generator().manual_seed(0)
+        feats = torch.nn.functional.normalize(torch.randn(1500, dim, generator=g), dim=1)
+        save_fused(big, FusedState(feats, torch.arange(1500), 1500, FusedParams()))
+        images = sorted(data.glob("*/img4.png"))
+        expected = {s: library_json(images, fused, s, 3) for s in ("fused", "clip")}
+        cfg = dict(
+            tokens={"fused": str(fused), "big": str(big)},
+            model="tiny-random",
+            device="cpu",
+            scorer="fused",
+            scorers=["fused", "clip"],
+            num_cpus=0,  # beside the module's classifier on the 2-CPU Ray instance
+            enable_generate=False,
+        )
+        serve.run(build_app(cfg), name="fused", route_prefix="/f")
+        try:
+            yield Server(f"{server.url}/f", images, expected, server.log_dir)
+        finally:
+            serve.delete("fused")
+
+    def test_probs_equal_library_classify(self, app):
+        """The fused scorer's calibrated probabilities: those of `mcti classify --json`, per
+        label; null for the clip scorer, which has none."""
+        for path in app.images:
+            want = app.expected["fused"][rel(path)]
+            r = app.classify(path, token_set="fused", top_k=3)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["scorer"] == "fused" and body["labels"] == want["labels"]
+            assert body["scores"] == pytest.approx(want["scores"], abs=2e-6, rel=1e-5)
+            assert body["probs"] == pytest.approx(want["probs"], abs=2e-6, rel=1e-5)
+            assert sum(body["probs"]) == pytest.approx(1, abs=1e-5)  # all 3 classes listed
+            assert body["probs"] == sorted(body["probs"], reverse=True)
+            clip = app.classify(path, token_set="fused", scorer="clip", top_k=3).json()
+            assert "probs" not in app.expected["clip"][rel(path)]
+            assert (
+                clip["probs"] is None
+                and clip["labels"] == app.expected["clip"][rel(path)]["labels"]
+            )
+        spec = requests.get(f"{app.url}/openapi.json", timeout=30).json()
+        assert "probs" in spec["components"]["schemas"]["ClassifyResponse"]["properties"]
+
+    def test_token_sets_page_through_thousands_of_labels(self, app):
+        """K = 1500: one page of labels per set (default 1000) with the total and the next
+        offset; the pages put together are the labels in order; a bad page is a 422."""
+        url = f"{app.url}/v1/token-sets"
+        t0 = time.perf_counter()
+        body = requests.get(url, timeout=30).json()
+        first_s = time.perf_counter() - t0
+        sets = {s["id"]: s for s in body["token_sets"]}
+        small, big = sets["fused"], sets["big"]
+        assert small["labels"] == ["sku-0000", "sku-0001", "sku-0002"]
+        assert small["next_offset"] is None and small["labels_offset"] == 0
+        assert big["n_classes"] == 1500 and len(big["labels"]) == 1000
+        assert big["next_offset"] == 1000
+        labels, offset, times = [], 0, []
+        while offset is not None:
+            t0 = time.perf_counter()
+            r = requests.get(url, params={"offset": offset, "limit": 400}, timeout=30)
+            times.append(time.perf_counter() - t0)
+            assert r.status_code == 200, r.text
+            page = {s["id"]: s for s in r.json()["token_sets"]}["big"]
+            assert page["labels_offset"] == offset and len(page["labels"]) <= 400
+            labels += page["labels"]
+            offset = page["next_offset"]
+        assert labels == [f"item-{k:05d}" for k in range(1500)] and len(times) == 4
+        assert max(first_s, *times) < 5.0, (first_s, times)  # quick, even on a busy CPU
+        for bad in ({"limit": 0}, {"limit": 10_001}, {"offset": -1}, {"limit": "all"}):
+            _assert_error(requests.get(url, params=bad, timeout=30), 422, next(iter(bad)))
+        spec = requests.get(f"{app.url}/openapi.json", timeout=30).json()
+        names = {p["name"] for p in spec["paths"]["/v1/token-sets"]["get"]["parameters"]}
+        assert names == {"offset", "limit"}
+
+    def test_classify_among_thousands_of_classes(self, app):
+        """The 1500-class set answers with the fused and clip scorers: top_k of its labels,
+        probabilities with fused."""
+        for scorer in ("fused", "clip"):
+            r = app.classify(app.images[0], token_set="big", scorer=scorer, top_k=5)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert len(body["labels"]) == 5 and all(x.startswith("item-") for x in body["labels"])
+            assert (body["probs"] is None) == (scorer == "clip")
+            if scorer == "fused":
+                assert 0 < sum(body["probs"]) <= 1 + 1e-6
 
 
 def test_healthz_asks_the_classifier_every_time(server):

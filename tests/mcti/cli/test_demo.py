@@ -49,10 +49,17 @@ def test_quick_demo_writes_outputs_and_summary(tmp_path, capsys):
     assert set(s) >= {
         "dataset", "model", "classes", "novel_classes", "accuracy", "per_class",
         "clip_accuracy", "pixels_logreg_accuracy", "true_names_zero_shot_accuracy",
+        "fused_accuracy", "fused_ece", "cache_accuracy", "linear_probe_accuracy",
+        "nearest_class_mean_accuracy",
         "n_eval_images", "seen_accuracy", "novel_accuracy", "seconds", "settings", "files",
     }  # fmt: skip
-    for key in ("clip_accuracy", "pixels_logreg_accuracy", "seen_accuracy", "novel_accuracy"):
-        assert 0.0 <= s[key] <= 1.0, key  # tiny-random has a CLIP tower: clip is scored too
+    # tiny-random has a CLIP tower: clip, fused, the cache and the feature references are scored
+    for key in (
+        "clip_accuracy", "pixels_logreg_accuracy", "seen_accuracy", "novel_accuracy",
+        "fused_accuracy", "fused_ece", "cache_accuracy", "linear_probe_accuracy",
+        "nearest_class_mean_accuracy",
+    ):  # fmt: skip
+        assert isinstance(s[key], float) and 0.0 <= s[key] <= 1.0, key
     assert s["true_names_zero_shot_accuracy"] is None  # only with --reference
     assert (s["dataset"], s["model"]) == ("animal-mnist", "tiny-random")
     assert s["novel_accuracy"] == s["per_class"]["c01"]  # one novel class: its own accuracy
@@ -68,6 +75,7 @@ def test_quick_demo_writes_outputs_and_summary(tmp_path, capsys):
     assert classes_json["settings"]["gamma"] == st["gamma"] and st["negatives"] == 1
     printed = capsys.readouterr().out
     assert "summary.json" in printed and "diffusion scorer" in printed
+    assert "fused scorer" in printed and "linear probe" in printed and "cache alone" in printed
     # a second run refuses to overwrite unless --force
     assert main(["demo", "--quick", "--model", "tiny-random", "--out", str(out)]) == 2
     assert "pass --force" in capsys.readouterr().err
