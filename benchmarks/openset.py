@@ -139,6 +139,40 @@ def diffusion_scores(err: torch.Tensor, top: torch.Tensor, shot_err: torch.Tenso
     return out
 
 
+def views(x: torch.Tensor) -> list[torch.Tensor]:
+    """x and 5 light augmentations of it: its mirror image, 1-pixel shifts up/down/left/right
+    (the border is background, so rolling is a shift)."""
+    return [x, x.flip(-1)] + [x.roll(d, dims=a) for a in (-2, -1) for d in (-1, 1)]
+
+
+def augmented_candidates(bundle, ref: Reference, xs) -> dict:
+    """Relative Mahalanobis and knn with 6 views per shot (more samples for the class means and
+    the shared covariance than 5 shots give), and with flip test-time averaging."""
+    x_shot, x_known, x_unknown = xs
+    clip = bundle.clip_image_features
+    vs = views(x_shot)
+    aref = Reference(
+        torch.cat([chunked(clip, v) for v in vs]), ref.labels.repeat(len(vs)), ref.num_classes
+    )
+    f_k, f_u = chunked(clip, x_known), chunked(clip, x_unknown)
+
+    def tta(x):
+        return torch.nn.functional.normalize(chunked(clip, x) + chunked(clip, x.flip(-1)), dim=-1)
+
+    tref = Reference(tta(x_shot), ref.labels, ref.num_classes)
+    return {
+        "rel. maha, 6 views per shot": tuple(
+            relative_mahalanobis(Evidence(features=f), aref) for f in (f_k, f_u)
+        ),
+        "knn, 6 views per shot": tuple(
+            REJECT_SCORES["knn"](Evidence(features=f), aref) for f in (f_k, f_u)
+        ),
+        "rel. maha, flip-averaged": tuple(
+            relative_mahalanobis(Evidence(features=tta(x)), tref) for x in (x_known, x_unknown)
+        ),
+    }
+
+
 def zscore_on(shots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """x standardised by the mean and spread of the same score on the shots."""
     return (x - shots.mean()) / shots.std().clamp(min=1e-12)
@@ -173,6 +207,8 @@ def extra_candidates(bundle, tok, loaded, extra, args, ref, xs, sub, run) -> dic
         parts["text"] = tuple(sc)  # the tokens' CLIP text cosine of the best class
         out |= {"rel. maha hidden": parts["hidden"][1:], "rel. maha pixels": parts["pixels"][1:]}
         out["text cosine"] = parts["text"][1:]
+    if "augment" in extra:
+        out |= augmented_candidates(bundle, ref, xs)
     if "diffusion" in extra:
         nan_k, nan_u = (
             torch.full((len(x_known),), torch.nan),
@@ -327,6 +363,34 @@ def one_run(bundle, splits, ds: str, shots: int, seed: int, args, out: Path) -> 
     return run
 
 
+def paired(results: dict, key: str = "auroc") -> list[str]:
+    """Per shot count: each candidate's AUROC minus the default's and minus the best baseline's
+    (nearest class mean, probe max softmax), paired over the runs (dataset x seed): mean, min and
+    max. The subset AUROC (`auroc_sub`) where a candidate ran on the diffusion subset only."""
+    base = ("ncm", "probe msp (baseline)")
+    lines = [
+        "| shots | score | runs | vs default: mean (min, max) | vs best baseline: mean (min, max) |"
+    ]
+    lines.append("|---|---|---|---|---|")
+    by_shots: dict = {}
+    for r in results["runs"]:
+        by_shots.setdefault(r["shots"], []).append(r["scores"])
+    for shots, runs in sorted(by_shots.items()):
+        for name in dict.fromkeys(n for sc in runs for n in sc):
+            runs_n = [sc for sc in runs if name in sc]
+            k = key if all(key in sc[name] for sc in runs_n) else "auroc_sub"
+            if any(k not in sc[name] or k not in sc[DEFAULT_SCORE] for sc in runs_n):
+                continue
+            d = np.array([sc[name][k] - sc[DEFAULT_SCORE][k] for sc in runs_n])
+            b = np.array([sc[name][k] - max(sc[x][k] for x in base) for sc in runs_n])
+            lines.append(
+                f"| {shots} | {name}{' (subset)' if k != key else ''} | {len(runs_n)} | "
+                f"{d.mean():+.3f} ({d.min():+.3f}, {d.max():+.3f}) | "
+                f"{b.mean():+.3f} ({b.min():+.3f}, {b.max():+.3f}) |"
+            )
+    return lines
+
+
 def report(results: dict) -> str:
     rows = {}
     for r in results["runs"]:
@@ -351,6 +415,7 @@ def report(results: dict) -> str:
             f"{ms_('auroc_far')} | {ms_('fpr_at_95')} | {ms_('auto_known_recall')} | "
             f"{ms_('auroc_sub')} | {ms_('auroc_sub_near')} |"
         )
+    lines += ["", *paired(results)]
     for r in results["runs"]:
         if "diffusion" in r:
             d = r["diffusion"]
@@ -376,7 +441,8 @@ def parser() -> argparse.ArgumentParser:
         "--extra",
         default="",
         help="more candidates (comma-separated): combos (other representations, the tokens' "
-        "text cosine, z-scored sums), diffusion (diffusion-error z-scores)",
+        "text cosine, z-scored sums), augment (augmented shots, flip averaging), diffusion "
+        "(diffusion-error z-scores)",
     )
     p.add_argument("--diffusion-t", type=int, default=8, help="timesteps of the fixed grid")
     p.add_argument("--diffusion-top", type=int, default=2, help="classes scored per image")
@@ -413,8 +479,9 @@ def run_all(bundle, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     args = parser().parse_args()
-    if args.report_only:
-        print(report(json.loads((Path(args.out) / "results.json").read_text())))
+    if args.report_only:  # --out A,B: the runs of several results together
+        runs = [json.loads((Path(o) / "results.json").read_text()) for o in args.out.split(",")]
+        print(report({"runs": [r for res in runs for r in res["runs"]]}))
         return
     torch.set_num_threads(args.threads)
     print(report(run_all(load_model("embedded", device="cpu"), args)))
