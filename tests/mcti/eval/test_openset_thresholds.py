@@ -3,8 +3,10 @@ them from the shots only for token sets saved without them (mcti/eval/openset.py
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from mcti.cli import main
 from mcti.core import openset
@@ -78,15 +80,46 @@ def test_a_token_set_without_saved_thresholds_fits_them_once_with_a_note(trained
     assert "note:" not in err  # saved now
 
 
-def test_one_shot_training_saves_no_thresholds_and_a_number_still_works(tmp_path, capsys):
-    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=2)
-    tok = tmp_path / "tok"
+@pytest.fixture(scope="module")
+def one_shot(tmp_path_factory):
+    root = tmp_path_factory.mktemp("one_shot")
+    data = make_image_folder(root / "data", n_classes=2, per_class=2)
+    tok = root / "tok"
     assert main(["train", "--data", str(data), "--out", str(tok), "--shots", "1", *TRAIN]) == 0
+    return data, tok
+
+
+def test_one_shot_training_saves_no_thresholds_and_a_number_still_works(one_shot, capsys):
+    data, tok = one_shot
     meta = json.loads((tok / openset.JSON_FILE).read_text())
     assert meta["loo"] == {} and meta["thresholds"] == {}  # nothing to leave out
-    err = run_err(
-        capsys, ["eval", "--tokens", str(tok), "--data", str(data), *CPU, "--reject", "auto"]
-    )
+    base = ["eval", "--tokens", str(tok), "--data", str(data), *CPU]
+    err = run_err(capsys, [*base, "--reject", "auto"])
     assert "2 or more training shots" in err and "note:" not in err
     r, _ = eval_json(capsys, tok, data, "--reject=-1e9")
     assert r["reject"]["mode"] == "number" and r["rejected_fraction"] == 0
+
+
+def test_server_answers_auto_on_a_one_shot_set_with_a_request_error(one_shot):
+    from mcti.core.model import load_model
+    from mcti.core.scoring import Scores
+    from mcti.core.store import read_meta
+    from mcti.data.images import load_image
+    from serving.http import ApiError
+    from serving.openset import OpenSetRejection, open_set_fields
+
+    data, tok = one_shot
+    bundle = load_model("tiny-random", device="cpu")
+    meta = read_meta(tok)
+    entry = {"labels": meta["classes"], "meta": meta, "path": str(tok), "version": 0}
+    rejection = OpenSetRejection(bundle, SimpleNamespace(reject="auto", known_recall=0.95))
+    rejection.prepare({"tok": entry})  # the set loads: `--reject NUMBER` works on it
+    pixels = load_image(data / "sku-0000" / "img1.png", bundle.resolution).unsqueeze(0)
+    scores = Scores(torch.tensor([[0.3, 0.1]] * 2), torch.zeros(2, 2, dtype=torch.long))
+    items = [{"reject": "auto"}, {"reject": "-1e9"}]
+    outs = [{"labels": ["a", "b"]}, {"labels": ["a", "b"]}]
+    rejection.apply(entry, pixels.repeat(2, 1, 1, 1), scores, items, outs)
+    with pytest.raises(ApiError, match="2 or more training shots") as e:
+        open_set_fields(outs[0])
+    assert e.value.status == 422
+    assert open_set_fields(outs[1])["label"] == "a"
