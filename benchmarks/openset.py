@@ -7,9 +7,23 @@ of the other dataset ("far"). MC-TI clip tokens are trained on the shots; every 
 of mcti.core.openset (the clip scorer's msp/margin, the CLIP-feature ncm/knn/mahalanobis) and
 the linear probe's max softmax are measured: AUROC and FPR at 95% known recall (known vs near
 + far unknowns), and the `auto` threshold's known recall on the test images vs its target.
-`ncm` is the nearest-class-mean baseline itself. Writes OUT/results.json and prints a table.
+`ncm` is the nearest-class-mean baseline itself. Writes OUT/results.json and prints a table,
+then each candidate's AUROC minus the default's and the best baseline's, paired over runs.
+
+`--extra` adds the second round's candidates, scores carrying what the 64-d CLIP feature may
+lack: `combos` (relative Mahalanobis on the vision tower's hidden states and on raw pixels; the
+tokens' text cosine; sums and minima of these z-scored on the shots), `augment` (6 views per
+shot; flip-averaged features), `diffusion` (the image's denoising error under its top classes'
+tokens, z-scored against each class's error on its own shots, raw and relative to the empty
+prompt: the Diffusion Classifier's scorer on a fixed grid; `--diffusion-per-class` limits it
+to the first N test images of each class, and every score is then also reported on that subset).
+`benchmarks/accuracy.py --tasks openset` runs the same protocol (`run_all`).
 
     nice python benchmarks/openset.py --shots 5 --seeds 0,1,2 --out runs/openset
+    nice python benchmarks/openset.py --shots 5 --seeds 0,1 --extra combos,augment,diffusion \
+        --diffusion-per-class 20 --out runs/openset
+
+Over 400 lines: the protocol and every candidate measured under it, side by side in one run.
 """
 
 import argparse
