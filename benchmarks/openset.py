@@ -434,7 +434,7 @@ def report(results: dict) -> str:
         if "diffusion" in r:
             d = r["diffusion"]
             lines.append(
-                f"\ndiffusion {r['dataset']} {r['shots']} shots seed {r['seed']}: "
+                f"diffusion {r['dataset']} {r['shots']} shots seed {r['seed']}: "
                 f"{d['rows_per_image']:.1f} UNet rows/image, {d['s_per_image']:.3f} s/image, "
                 f"shots {d['shot_rows']} rows / {d['shot_seconds']} s"
             )
