@@ -251,7 +251,10 @@ def extra_candidates(bundle, tok, loaded, extra, args, ref, xs, sub, run) -> dic
             parts[name] = (on_shots[name], k, u)
             out[name] = (k, u)
     if "clip" not in parts:  # the default's own leave-one-out scores
-        parts["clip"] = (leave_one_out("relative_mahalanobis", ref), *out_default(ref, xs, bundle))
+        parts["clip"] = (
+            leave_one_out("relative_mahalanobis", ref),
+            *default_scores(ref, xs, bundle),
+        )
     z = {n: (zscore_on(p[0], p[1]), zscore_on(p[0], p[2])) for n, p in parts.items()}
     combos = [
         ("clip", "hidden"),
@@ -269,11 +272,10 @@ def extra_candidates(bundle, tok, loaded, extra, args, ref, xs, sub, run) -> dic
     return out
 
 
-def out_default(ref, xs, bundle) -> tuple[torch.Tensor, torch.Tensor]:
-    k, u = (bundle.clip_image_features(x).cpu() for x in xs[1:])
-    return relative_mahalanobis(Evidence(features=k), ref), relative_mahalanobis(
-        Evidence(features=u), ref
-    )
+def default_scores(ref, xs, bundle) -> tuple[torch.Tensor, ...]:
+    """The default score (relative Mahalanobis on CLIP features) of the known and unknown images."""
+    feats = (bundle.clip_image_features(x).cpu() for x in xs[1:])
+    return tuple(relative_mahalanobis(Evidence(features=f), ref) for f in feats)
 
 
 def one_run(bundle, splits, ds: str, shots: int, seed: int, args, out: Path) -> dict:
