@@ -16,7 +16,12 @@ beside the shipped 0.5 (a sensitivity check, not a choice made on test images); 
 Writes a JSON of everything and a markdown table (mean +- std over seeds; paired t-test of MC-TI
 vs TI over seeds, and McNemar's test on the pooled per-image outcomes).
 
+`--tasks openset` runs the open-set protocol of benchmarks/openset.py (known: seen classes;
+unknown: novel classes and the other dataset) through that script's code, at this run's shots,
+seeds and sizes.
+
     python benchmarks/accuracy.py --seeds 0,1,2 --shots 5 --out runs/accuracy
+    python benchmarks/accuracy.py --tasks openset --seeds 0,1,2,3,4 --shots 16 --per-class 40
 """
 
 import argparse
@@ -189,7 +194,11 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=0.002)
     p.add_argument("--draws", type=int, default=2)
     p.add_argument("--negatives", type=int, default=4)
-    p.add_argument("--tasks", default="seen,novel")
+    p.add_argument(
+        "--tasks",
+        default="seen,novel",
+        help="comma-separated: seen, novel, openset (benchmarks/openset.py's protocol)",
+    )
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument(
         "--scorers",
@@ -226,6 +235,9 @@ def main() -> None:
     results = {"args": vars(args), "runs": []}
     t_start = time.time()
     for task in args.tasks.split(","):
+        if task == "openset":
+            openset_task(bundle, args, out)
+            continue
         for seed in [int(s) for s in args.seeds.split(",")]:
             d = out / f"{task}-seed{seed}"
             info = write_task(task, seed, args.shots, args.per_class, bundle.resolution, d)
@@ -305,6 +317,21 @@ def main() -> None:
             )
             (out / "results.json").write_text(json.dumps(results))
     print(report(results))
+
+
+def openset_task(bundle, args, out: Path) -> None:
+    """`--tasks openset`: benchmarks/openset.py's protocol and candidates (the one code path)
+    at this run's shots, seeds, per-class, steps and gamma; its table is printed, its
+    results go to OUT/openset/results.json."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+    from benchmarks import openset
+
+    argv = ["--shots", str(args.shots), "--seeds", args.seeds, "--out", str(out / "openset")]
+    argv += ["--per-class", str(args.per_class), "--steps", str(args.steps)]
+    argv += ["--gamma", str(args.gamma)]
+    print(openset.report(openset.run_all(bundle, openset.parser().parse_args(argv))), flush=True)
 
 
 def fill_fused(bundle, tok: Path, d: Path) -> None:

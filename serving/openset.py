@@ -60,7 +60,11 @@ class OpenSetRejection:
             if not w:
                 continue
             if it["reject"] == "auto":
-                threshold = state.threshold(DEFAULT_SCORE, self.cfg.known_recall)
+                try:  # a one-shot set has a state (for a number) but no auto threshold
+                    threshold = state.threshold(DEFAULT_SCORE, self.cfg.known_recall)
+                except UserError as e:
+                    out["open_set_error"] = str(e)
+                    continue
             else:
                 threshold = float(it["reject"])
             out["label"] = out["labels"][0] if v >= threshold else UNKNOWN

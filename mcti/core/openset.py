@@ -15,8 +15,9 @@ A calibrated fused probability can be added as one more entry of REJECT_SCORES.
 
 `auto` thresholds come from the training shots alone: each shot is scored against a reference
 built without it (leave-one-out), and the threshold is the (1 - known_recall) quantile of those
-scores. The leave-one-out scores are saved with the token set (TOKENS/openset.json and the
-reference arrays in TOKENS/openset.safetensors), so any --known-recall reuses them.
+scores. `mcti train` fits them at the end and saves them with the token set (TOKENS/openset.json:
+the leave-one-out scores, so any --known-recall reuses them, and the thresholds at the default
+recall for the reader; the reference arrays in TOKENS/openset.safetensors).
 """
 
 import json
@@ -29,14 +30,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mcti.atomic import atomic_save_safetensors, atomic_write_json
+from mcti.core.model import ModelBundle
 from mcti.errors import UserError
 
 FORMAT = "mcti-openset/1"
 JSON_FILE = "openset.json"
 ARRAYS_FILE = "openset.safetensors"
 DEFAULT_SCORE = "relative_mahalanobis"  # best mean AUROC in benchmarks/openset.py
+DEFAULT_KNOWN_RECALL = 0.95  # the thresholds written to openset.json (--known-recall's default)
 SHRINK = 0.5  # weight of the isotropic part of the shared covariance (few shots, P dims)
 UNKNOWN = "unknown"
+NO_LEAVE_ONE_OUT = (
+    "--reject auto needs at least one class with 2 or more training shots (leave-one-out); "
+    "pass --reject NUMBER"
+)
 
 
 @dataclass
@@ -178,10 +185,7 @@ def leave_one_out(
         if counts[ref.labels[i]] >= 2
     ]
     if not out:
-        raise UserError(
-            "--reject auto needs at least one class with 2 or more training shots "
-            "(leave-one-out); pass --reject NUMBER"
-        )
+        raise UserError(NO_LEAVE_ONE_OUT)
     return torch.stack(out)
 
 
@@ -216,6 +220,8 @@ class OpenSet:
     loo: dict[str, list[float]]  # score name -> leave-one-out scores of the shots
 
     def threshold(self, score: str, known_recall: float) -> float:
+        if not self.loo:  # one shot per class: nothing to leave out
+            raise UserError(NO_LEAVE_ONE_OUT)
         return threshold_for(torch.tensor(self.loo[score]), known_recall)
 
     def save(self, tokens_dir: str | Path) -> None:
@@ -226,13 +232,41 @@ class OpenSet:
             d / ARRAYS_FILE,
             {"features": ref.features.contiguous(), "labels": ref.labels.contiguous()},
         )
-        meta = {"format": FORMAT, "num_classes": ref.num_classes, "loo": self.loo}
+        thresholds = {s: round(self.threshold(s, DEFAULT_KNOWN_RECALL), 6) for s in self.loo}
+        meta = {
+            "format": FORMAT,
+            "num_classes": ref.num_classes,
+            "known_recall": DEFAULT_KNOWN_RECALL,
+            "thresholds": thresholds,  # for the reader: `threshold` derives any from `loo`
+            "loo": self.loo,
+        }
         atomic_write_json(d / JSON_FILE, meta)
 
 
+def shot_features(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """(S, 3, H, W) shot images -> (S, P) their CLIP image features."""
+    return torch.cat(
+        [
+            bundle.clip_image_features(pixels[i : i + chunk]).cpu()
+            for i in range(0, len(pixels), chunk)
+        ]
+    )
+
+
+def fit_on_shots(
+    bundle: ModelBundle, pixels: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> OpenSet:
+    """The state of a token set from its training shots (S, 3, H, W) and their classes (S,),
+    as `mcti train` saves it."""
+    return fit(Reference(shot_features(bundle, pixels), labels.cpu(), num_classes))
+
+
 def fit(ref: Reference, scores: list[str] | None = None) -> OpenSet:
-    """Leave-one-out scores of the feature scores (or `scores`) on the reference's shots."""
+    """Leave-one-out scores of the feature scores (or `scores`) on the reference's shots; none
+    when no class has 2 shots (the reference still serves `--reject NUMBER`)."""
     names = scores or sorted(FEATURE_SCORES)
+    if int(torch.bincount(ref.labels, minlength=ref.num_classes).max()) < 2:
+        return OpenSet(ref, {})
     return OpenSet(ref, {s: [round(float(x), 6) for x in leave_one_out(s, ref)] for s in names})
 
 

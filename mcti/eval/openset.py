@@ -1,6 +1,6 @@
-"""`--reject` and `--unknown` of `mcti eval/classify`: the token set's open-set state (fit
-lazily from its training shots and saved beside the tokens), rejection of scored images, and
-the known-vs-unknown metrics and histogram."""
+"""`--reject` and `--unknown` of `mcti eval/classify`: the token set's open-set state (saved by
+`mcti train`; fit here from the training shots for sets without one), rejection of scored
+images, and the known-vs-unknown metrics and histogram."""
 
 import sys
 from dataclasses import dataclass
@@ -68,22 +68,25 @@ def shot_reference(
             f"warning: {len(missing)} training image(s) not found; fit without them",
             file=sys.stderr,
         )
-    x = torch.stack(pixels)  # (S, 3, H, W)
-    feats = torch.cat(
-        [bundle.clip_image_features(x[i : i + 64]).cpu() for i in range(0, len(x), 64)]
-    )
+    feats = openset.shot_features(bundle, torch.stack(pixels))  # (S, P)
     return openset.Reference(feats, torch.tensor(ys), len(labels))
 
 
 def open_set_state(
     bundle: ModelBundle, labels: list[str], meta: dict, tokens_dir: str | Path
 ) -> openset.OpenSet:
-    """The saved state of the token set, or one fit now from its shots and saved (a read-only
-    token directory only costs the refit next time)."""
+    """The state `mcti train` saved with the token set, or, for a set trained before it did
+    (or with --nproc > 1 or --extend), one fit now from its shots and saved (a read-only token
+    directory only costs the refit next time)."""
     state = openset.load(tokens_dir, len(labels))
-    if state is not None and openset.DEFAULT_SCORE in state.loo:
-        return state
+    if state is not None and (openset.DEFAULT_SCORE in state.loo or not state.loo):
+        return state  # (no leave-one-out scores at all: one shot per class)
     state = openset.fit(shot_reference(bundle, labels, meta, tokens_dir))
+    print(
+        f"note: '{tokens_dir}' had no saved open-set thresholds: fit them on its training shots "
+        "(leave-one-out)",
+        file=sys.stderr,
+    )
     try:
         state.save(tokens_dir)
     except OSError as e:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mcti.core import openset
 from mcti.core.fused import fit_for_tokens, save_fused
 from mcti.core.model import ModelBundle, load_model
 from mcti.core.objectives import Objective, ObjectiveSettings, sample_draws
@@ -197,6 +198,7 @@ def train(cfg: TrainArgs, bundle: ModelBundle | None = None) -> Prepared:
         log.trim(step)  # a resumed run redoes the steps after its checkpoint
         run_steps(cfg, p, opt, gen, fp, step, log)
         save_fused_state(cfg, p)
+        save_open_set_state(cfg, p)
     return p
 
 
@@ -206,10 +208,23 @@ def save_fused_state(cfg: TrainArgs, p: Prepared) -> None:
     shot features are not stored with their set yet: the fused scorer then says so."""
     if p.bundle.clip is None or p.extension is not None:
         return
+    pixels = shot_pixels(p)  # (N, 3, H, W)
+    save_fused(cfg.out, fit_for_tokens(p.bundle, p.tokens, p.table, pixels, p.labels))
+
+
+def save_open_set_state(cfg: TrainArgs, p: Prepared) -> None:
+    """The open-set reference and `--reject auto` thresholds (mcti.core.openset), fit on the
+    shots leave-one-out; skipped as the fused state is (classify then fits it from the shots)."""
+    if p.bundle.clip is None or p.extension is not None:
+        return
+    openset.fit_on_shots(p.bundle, shot_pixels(p), p.labels, p.tokens.num_classes).save(cfg.out)
+
+
+def shot_pixels(p: Prepared) -> torch.Tensor:
+    """(N, 3, H, W) the run's shots, read again (the latents are all training keeps)."""
     where = {path: i for i, path in enumerate(p.data.paths)}
     idx = [where[path] for path in p.shot_paths]
-    pixels, _ = load_images(p.data, idx, p.bundle.resolution, quiet=True)  # (N, 3, H, W)
-    save_fused(cfg.out, fit_for_tokens(p.bundle, p.tokens, p.table, pixels, p.labels))
+    return load_images(p.data, idx, p.bundle.resolution, quiet=True)[0]
 
 
 def run_steps(
