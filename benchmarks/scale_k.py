@@ -73,8 +73,12 @@ def train_tokens(data: Path, out: Path, k: int, a: argparse.Namespace) -> dict:
         return {"steps": train_steps(k, a), "reused": str(out)}
     cmd = [sys.executable, "-m", "mcti", "train", "--data", str(data / "train"), "--out", str(out)]
     cmd += ["--model", a.model, "--reg", "clip", "--flip", "0", "--shots", str(a.shots)]
-    cmd += ["--steps", str(train_steps(k, a)), "--seed", str(a.seed), "--quiet"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    cmd += ["--steps", str(train_steps(k, a)), "--seed", str(a.seed), "--device", a.device]
+    cmd += ["--quiet"]
+    path = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     t0, c0 = time.perf_counter(), os.times()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     c1 = os.times()
@@ -97,7 +101,11 @@ def spread(n_total: int, n: int) -> list[int]:
 def timed_scores(
     clf: Classifier, pixels: torch.Tensor, batch: int
 ) -> tuple[Scores, tuple[float, float], float]:
-    """Scores of all images (`batch` per call), (wall, CPU) seconds, and the peak RSS (MB)."""
+    """Scores of all images (`batch` per call), (wall, CPU) seconds, and the peak memory (MB):
+    resident on CPU, allocated on CUDA."""
+    cuda = clf.bundle.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(clf.bundle.device)
     peak_rss_reset()
     t0, c0, parts = time.perf_counter(), time.process_time(), []
     for i in range(0, len(pixels), batch):
@@ -108,7 +116,8 @@ def timed_scores(
         torch.cat([p.stage for p in parts]),
         sum(p.unet_rows for p in parts),
     )
-    return scores, sec, peak_rss_mb()
+    peak = torch.cuda.max_memory_allocated(clf.bundle.device) / 2**20 if cuda else peak_rss_mb()
+    return scores, sec, peak
 
 
 def measure_k(bundle, k: int, a: argparse.Namespace, given_tokens: dict[int, str]) -> dict:
@@ -139,7 +148,10 @@ def measure_k(bundle, k: int, a: argparse.Namespace, given_tokens: dict[int, str
             "s_per_image": round(sec[0] / n, 5),  # wall clock, on a shared machine
             "cpu_s_per_image": round(sec[1] / n, 5),  # CPU of this process (one thread)
             "unet_rows_per_image": round(rows / n, 1),
-            "peak_rss_mb": None if peak is None else round(peak, 1),
+            # CPU: the process's peak resident set; CUDA: peak allocated GPU memory
+            "peak_cuda_mb" if a.device.startswith("cuda") else "peak_rss_mb": (
+                None if peak is None else round(peak, 1)
+            ),
         }
         print(f"  {name:18} {json.dumps(res['scorers'][name])}", flush=True)
 
@@ -166,8 +178,8 @@ def measure_k(bundle, k: int, a: argparse.Namespace, given_tokens: dict[int, str
         return time.perf_counter() - t[0], time.process_time() - t[1]
 
     t = clock()
-    f_train = bundle.clip_image_features(x_train).float()
-    f_test = bundle.clip_image_features(x_test).float()
+    f_train = bundle.clip_image_features(x_train).float().cpu()
+    f_test = bundle.clip_image_features(x_test).float().cpu()
     t_feat = since(t)
     t = clock()
     ncm = nearest_class_mean(f_train, y_train, f_test, k)
@@ -252,6 +264,7 @@ def main() -> None:
     p.add_argument("--classes", default="10,100,1000", help="comma-separated K values")
     p.add_argument("--out", required=True, help="folder: data/, tokens/, scale_k.json, scale_k.png")
     p.add_argument("--model", default="embedded")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_check.sh)")
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--test-images", type=int, default=400, help="about this many test images per K")
     p.add_argument("--unet-images", type=int, default=40, help="test images for the UNet scorers")
@@ -274,10 +287,11 @@ def main() -> None:
     given = {int(t.split("=", 1)[0]): t.split("=", 1)[1] for t in a.tokens}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    bundle = load_model(a.model, device="cpu")
+    bundle = load_model(a.model, device=a.device)
     results = []
     for k in [int(x) for x in a.classes.split(",")]:
         results.append(measure_k(bundle, k, a, given))
+        results.sort(key=lambda r: r["classes"])  # any run order (e.g. the largest K first)
         summary = {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "results": results}
         atomic_write_json(out / "scale_k.json", summary)  # after each K: a partial run still counts
         plot(results, out / "scale_k.png")
