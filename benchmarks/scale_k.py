@@ -68,8 +68,9 @@ def train_steps(k: int, a: argparse.Namespace) -> int:
 
 
 def train_tokens(data: Path, out: Path, k: int, a: argparse.Namespace) -> dict:
-    """`mcti train --reg clip --flip 0` in a subprocess (one thread); its wall and CPU time."""
-    if (out / "fused.json").is_file():
+    """`mcti train --reg clip --flip 0` in a subprocess (one thread); its wall and CPU time. A
+    run that fails after writing the tokens (e.g. fitting the fused state) is recorded, not fatal."""
+    if (out / "learned_embeds.safetensors").is_file():
         return {"steps": train_steps(k, a), "reused": str(out)}
     cmd = [sys.executable, "-m", "mcti", "train", "--data", str(data / "train"), "--out", str(out)]
     cmd += ["--model", a.model, "--reg", "clip", "--flip", "0", "--shots", str(a.shots)]
@@ -80,9 +81,14 @@ def train_tokens(data: Path, out: Path, k: int, a: argparse.Namespace) -> dict:
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     t0, c0 = time.perf_counter(), os.times()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    done = subprocess.run(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     c1 = os.times()
+    if done.returncode and not (out / "learned_embeds.safetensors").is_file():
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return {
+        "error": done.stderr.strip().splitlines()[-1] if done.returncode else None,
         "steps": train_steps(k, a),
         "command": " ".join(["mcti"] + cmd[3:]),
         "wall_s": round(time.perf_counter() - t0, 1),
@@ -156,6 +162,8 @@ def measure_k(bundle, k: int, a: argparse.Namespace, given_tokens: dict[int, str
         print(f"  {name:18} {json.dumps(res['scorers'][name])}", flush=True)
 
     # the cheap scorers and references on every test image, and on the UNet subset
+    if fused is None:
+        res["scorers_missing"] = {"fused": f"no fused state in {tok_dir} (see training.error)"}
     for name in ("clip", "fused") if fused is not None else ("clip",):
         clf = Classifier.from_settings(bundle, tokens, table, settings, name, fused)
         s, sec, peak = timed_scores(clf, x_test, a.batch)
@@ -288,9 +296,17 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = load_model(a.model, device=a.device)
-    results = []
-    for k in [int(x) for x in a.classes.split(",")]:
-        results.append(measure_k(bundle, k, a, given))
+    # results of other K from an earlier run into the same --out are kept (e.g. --classes 1000
+    # rerun alone); the K of this run are measured again
+    ks = [int(x) for x in a.classes.split(",")]
+    previous = out / "scale_k.json"
+    results = [
+        r
+        for r in (json.loads(previous.read_text())["results"] if previous.is_file() else [])
+        if r["classes"] not in ks
+    ]
+    for k in ks:
+        results.append({**measure_k(bundle, k, a, given), "argv": sys.argv[1:]})
         results.sort(key=lambda r: r["classes"])  # any run order (e.g. the largest K first)
         summary = {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "results": results}
         atomic_write_json(out / "scale_k.json", summary)  # after each K: a partial run still counts
@@ -303,7 +319,7 @@ def main() -> None:
     )
     print(f"|---|{'---|' * len(results)}---|")
     for name in base["scorers"]:
-        cells, last = [], None
+        cells = []
         for r in results:
             s = r["scorers"].get(name)
             cells.append(
@@ -312,9 +328,9 @@ def main() -> None:
                 else f"{s['accuracy']:.1%} ({s['images']}), {s['cpu_s_per_image']:.4g} s, "
                 f"{s['unet_rows_per_image']:g} rows"
             )
-            last = s or last
-        ratio = last["cpu_s_per_image"] / base["scorers"][name]["cpu_s_per_image"]
-        print(f"| {name} | {' | '.join(cells)} | {ratio:.2f}x |")
+        last = results[-1]["scorers"].get(name)
+        ratio = last and last["cpu_s_per_image"] / base["scorers"][name]["cpu_s_per_image"]
+        print(f"| {name} | {' | '.join(cells)} | {f'{ratio:.2f}x' if ratio else '-'} |")
 
 
 if __name__ == "__main__":
