@@ -114,7 +114,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=1000, help="classes of the classification rows")
     p.add_argument(
         "--rows",
-        default="hybrid=176,diffusion=256,diffusion (full)=8077",
+        default="hybrid=176,diffusion=256,diffusion (full)=8096",
         help="scorer=rows/image at --k when no --scale-json (scale_k.py, K = 1000, 2026-12-02)",
     )
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
@@ -166,7 +166,7 @@ def main() -> None:
         for v in [int(x) for x in a.visits.split(",")]:
             for k in [int(x) for x in a.train_classes.split(",")]:
                 hours = k * v * gf * 1e9 / train_flops / 3600
-                print(f"| {name} | {gf:,.0f} | {v} | {k:,} | {hours:,.2f} | {max(1, math.ceil(hours / 24))} |")  # fmt: skip
+                print(f"| {name} | {gf:,.0f} | {v:,} | {k:,} | {hours:,.2f} | {max(1, math.ceil(hours / 24))} |")  # fmt: skip
 
 
 if __name__ == "__main__":

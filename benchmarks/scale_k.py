@@ -143,6 +143,7 @@ def measure_k(bundle, k: int, a: argparse.Namespace, given_tokens: dict[int, str
     print(f"K={k}: {len(x_test)} test images, {len(subset)} for the UNet scorers", flush=True)
 
     res: dict = {"classes": k, "test_images": len(x_test), "training": training, "scorers": {}}
+    res["prefilter_m"], res["hybrid_m"] = a.prefilter_m, a.hybrid_m
     settings = ScorerSettings(hybrid_m=a.hybrid_m, prefilter_m=a.prefilter_m, seed=a.seed)
     fused = load_fused(tok_dir, k) if has_fused(tok_dir) else None  # a given set may lack it
 
@@ -236,18 +237,23 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def scorer(r: dict, name: str) -> dict | None:
+        if name == "diffusion (full)" and r["classes"] <= r.get("prefilter_m", 20):
+            return r["scorers"].get("diffusion")  # K <= m: the default is the full schedule
+        return r["scorers"].get(name)
+
     ks = [r["classes"] for r in results]
     names = list(dict.fromkeys(n for r in results for n in r["scorers"]))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name in names:
-        pts = [(r["classes"], r["scorers"][name]) for r in results if name in r["scorers"]]
-        x = [p[0] for p in pts]
-        style = "--" if name in ("nearest class mean", "linear probe") else "-o"
-        axes[0].plot(x, [p[1]["accuracy"] for p in pts], style, label=name)
-        if name not in ("nearest class mean", "linear probe"):
-            axes[1].plot(x, [p[1]["cpu_s_per_image"] for p in pts], "-o", label=name)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for i, name in enumerate(names):
+        pts = [(r["classes"], scorer(r, name)) for r in results if scorer(r, name)]
+        x, kw = [p[0] for p in pts], {"label": name, "color": f"C{i}"}
+        ref = name in ("nearest class mean", "linear probe")
+        axes[0].plot(x, [p[1]["accuracy"] for p in pts], "--" if ref else "-o", **kw)
+        if not ref:
+            axes[1].plot(x, [p[1]["cpu_s_per_image"] for p in pts], "-o", **kw)
         if any(p[1]["unet_rows_per_image"] for p in pts):
-            axes[2].plot(x, [p[1]["unet_rows_per_image"] for p in pts], "-o", label=name)
+            axes[2].plot(x, [p[1]["unet_rows_per_image"] for p in pts], "-o", **kw)
     for ax, title in zip(
         axes, ("top-1 accuracy", "CPU s / image (1 thread)", "UNet rows / image"), strict=True
     ):
@@ -258,10 +264,11 @@ def plot(results: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
+    axes[0].set_ylim(-0.02, 1.02)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
     fig.suptitle("mcti synth (seed 0, 5 shots), embedded model, tokens: mcti train --reg clip")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
@@ -289,7 +296,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="images per score call")
     p.add_argument("--probe-max-k", type=int, default=1000, help="no linear probe above this K")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", action="store_true", help="only redraw --out/scale_k.png")
     a = p.parse_args()
+    if a.replot:
+        plot(
+            json.loads((Path(a.out) / "scale_k.json").read_text())["results"],
+            Path(a.out) / "scale_k.png",
+        )
+        return
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     given = {int(t.split("=", 1)[0]): t.split("=", 1)[1] for t in a.tokens}
