@@ -76,20 +76,29 @@ def count_flops() -> dict[str, float]:
                 projection_dim=768,
             )
         ).eval()
-        text = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77)).eval()  # ViT-L/14's
+        text = CLIPTextModel(  # ViT-L/14's (SD-1.5's text encoder)
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+            )
+        ).eval()
         x, t = torch.randn(1, 4, 64, 64), torch.tensor([500])
         ctx = torch.randn(1, 77, 768)
         ids = torch.zeros(1, 77, dtype=torch.long)
+        image_512, image_224 = torch.randn(1, 3, 512, 512), torch.randn(1, 3, 224, 224)
+        ctx_grad = torch.randn(1, 77, 768, requires_grad=True)
 
     def train_row() -> None:
-        c = ctx.clone().requires_grad_(True)
-        unet(x, t, encoder_hidden_states=c).sample.float().square().mean().backward()
+        unet(x, t, encoder_hidden_states=ctx_grad).sample.float().square().mean().backward()
 
     with torch.no_grad():
         out = {
             "unet_fwd": gflop(lambda: unet(x, t, encoder_hidden_states=ctx)),
-            "vae_encode_512": gflop(lambda: vae.encode(torch.randn(1, 3, 512, 512))),
-            "clip_vit_l14_image": gflop(lambda: vision(pixel_values=torch.randn(1, 3, 224, 224))),
+            "vae_encode_512": gflop(lambda: vae.encode(image_512)),
+            "clip_vit_l14_image": gflop(lambda: vision(pixel_values=image_224)),
             "clip_text_fwd": gflop(lambda: text(input_ids=ids)),
         }
     out["unet_train"] = gflop(train_row)
