@@ -1,17 +1,21 @@
 """Classification cost against the number of classes K (issue 13, item 3), side by side in one run.
 
 For each K: `mcti synth` data (seed 0, --shots train images per class and enough test images for
-about --test-images in all), tokens from `mcti train --reg clip --flip 0` with a step budget that
-grows with K (or a token set given with --tokens K=DIR), then on the same test images:
+about --test-images in all, at least one per class), tokens from `mcti train --reg clip --flip 0
+--steps max(--min-steps, --steps-per-class x K)` (or a token set given with --tokens K=DIR), then
+on the same test images:
 - clip, fused: every test image (a matrix product against K text / cache features);
 - the references a user would pick instead: nearest class mean and a linear probe on the same
   model's CLIP image features of the same shots (mcti.eval.baselines);
 - hybrid (clip top --hybrid-m, then diffusion), diffusion as configured by default (the clip
   prefilter to --prefilter-m once K exceeds it), on --unet-images test images spread over the
-  classes; the full diffusion schedule (--prefilter-m 0, K x n_samples rows per image) on
-  --full-images of them once K exceeds --prefilter-m (at K <= m it is the default).
-Per scorer: top-1 accuracy, s/image (--batch images per call, one thread), UNet rows/image and
-the peak resident memory while scoring. Writes --out/scale_k.json and --out/scale_k.png.
+  classes; the full diffusion schedule (--prefilter-m 0, K x n_samples rows per image) once K
+  exceeds --prefilter-m (at K <= m it is the default), on --full-images of them
+  (--full-images-large above --full-max-k).
+Per scorer: top-1 accuracy, wall and CPU s/image (--batch images per call, one thread), UNet
+rows/image and the peak memory while scoring (resident set; allocated GPU memory on CUDA), and
+the clip top-m recall of the prefilters. Writes --out/scale_k.json and --out/scale_k.png after
+each K; a later run into the same --out keeps the other K's results.
 
     python benchmarks/scale_k.py --classes 10,100,1000 --out runs/scale_k
 """
