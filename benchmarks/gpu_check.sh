@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# One call on an H100/H200, under 8 minutes: GPU tests, kernel speed, SD-1.5 UNet numbers.
+# One call on an H100/H200, under 10 minutes: GPU tests, kernel speed, SD-1.5 UNet numbers,
+# K = 1000 classification on the embedded model.
 #
 #   bash benchmarks/gpu_check.sh     # from anywhere; $OUT (if set) receives gpu_check.log + JSON
 #
 # Steps: (1) setup: wheels from .whl/, the project importable, GPU name and versions;
 # (2) pytest -m gpu tests/; (3) benchmarks/kernel_speed.py on CUDA (forward with torch.compile,
 # then forward+backward); (4, 5) benchmarks/gpu_unet_bench.py: TI step + inference with SDPA vs
-# xformers, then the batching test; (6) a summary table. A failing step is reported and the next
+# xformers, then the batching test; (6) benchmarks/scale_k.py at K = 1000 on CUDA (synth data,
+# 1000 token steps, every scorer: accuracy, s/image, rows/image, peak GPU memory) into
+# $RESULTS/scale_k/; (7) a summary table. A failing step is reported and the next
 # one still runs; each runs under `timeout`, trimmed so the whole stays within GPU_CHECK_BUDGET_S.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-460}
+BUDGET=${GPU_CHECK_BUDGET_S:-590}
 START=$(date +%s)
 WORK=$(mktemp -d)
 RESULTS=${OUT:-$WORK}
@@ -92,6 +95,15 @@ for name in ("kernel_fwd", "kernel_bwd"):
             print(f"{name:10} {r['dtype']} R={r['R']:<5} {r['kernel_s'] * 1e6:8.1f} us "
                   f"{r['kernel_GBps']:7.0f} GB/s {r['of_copy']:6.1%} of copy  {eager}  {comp}")
 PYEOF
+  "$PY" - "$RESULTS/scale_k/scale_k.json" <<'PYEOF' || true
+import json, os, sys
+if os.path.exists(sys.argv[1]):
+    for r in json.load(open(sys.argv[1]))["results"]:
+        for name, s in r["scorers"].items():
+            print(f"scale_k    K={r['classes']} {name:20} top-1 {s['accuracy']:6.1%} ({s['images']} images) "
+                  f"{s['s_per_image'] * 1e3:9.2f} ms/image {s['unet_rows_per_image']:7.0f} rows/image "
+                  f"peak {s.get('peak_cuda_mb') or 0:6.0f} MB")
+PYEOF
   if [ -f "$WORK/unet.out" ]; then
     grep '^RESULT ' "$WORK/unet.out" | sed 's/^RESULT /unet       /' |
       grep -E 'status|rows_per_s|MFU|speedup|gflop' || true
@@ -111,6 +123,9 @@ main() {
   run_step kernel_bwd 40 "$PY" benchmarks/kernel_speed.py --device cuda --backward --no-compile \
     --rows 32 512 4096 --json-out "$RESULTS/kernel_bwd.json"
   run_step unet 170 "$PY" benchmarks/gpu_unet_bench.py --device cuda --json
+  run_step scale_k1000 120 "$PY" benchmarks/scale_k.py --device cuda --classes 1000 \
+    --out "$RESULTS/scale_k" --unet-images 64 --full-images-large 4 --steps-per-class 1 \
+    --probe-max-k 0
   summary
   for s in "${STEPS[@]}"; do [[ $s == *"|ok|"* ]] || failed=1; done
   return $failed

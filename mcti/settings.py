@@ -235,6 +235,8 @@ class ScorerSettings(Settings):
     """Diffusion scorer: classes kept after each stage (last must be 1)."""
     hybrid_m: AtLeast1 = 10
     """Hybrid scorer: classes kept by the clip prefilter."""
+    prefilter_m: AtLeast0 = 20
+    """Diffusion scorer: with more classes than this, first keep the clip scorer's top this-many classes (as hybrid does), so UNet rows per image stay flat in K (8,16,32 / 5,2,1: 8 x 20 + 96 = 256 rows per image, whatever K; 8 K + 96 below); 0: off, every class through the full schedule (K x n_samples rows). K <= this is unchanged. Needs a model with a CLIP vision tower when K exceeds it."""
     batch_rows: AtLeast1 = 256
     """UNet rows (image x class x t) per forward pass."""
     template: Template = "a photo of a {}"

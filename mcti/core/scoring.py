@@ -8,6 +8,8 @@ Fewer rows (optional): a significance rule drops, after each chunk of timesteps,
 whose paired per-t error differences to the leader make it significantly worse (one-sided Student
 t bound, Bonferroni over the classes), so easy images stop early; and the grid can be drawn from a
 per-model timestep density (`grid_from_weights`, measured by `diffusion.separation_by_t`).
+With more than `prefilter_m` classes the diffusion scorer first keeps
+the clip top `prefilter_m` (as hybrid does), so its UNet rows per image stay flat in K.
 `clip`: cosine of CLIP image and class-prompt text embeddings. `hybrid`: clip top-m, then
 diffusion among those. `fused`: the clip scorer's token cosines fused with a cache of the shots'
 image features, weighted and calibrated on the shots (mcti.core.fused); it also gives `probs`.
@@ -312,6 +314,11 @@ class ClipScorer:
         return Scores(sims, torch.zeros_like(sims, dtype=torch.long), 0)
 
 
+def _prefiltered(scorer: str, prefilter_m: int, num_classes: int) -> bool:
+    """Whether the diffusion scorer first keeps the clip top `prefilter_m` (0: never)."""
+    return scorer == "diffusion" and 0 < prefilter_m < num_classes
+
+
 def _check_scorer(scorer: str, hybrid_m: int) -> None:
     if scorer not in ("diffusion", "clip", "hybrid", "fused"):
         raise UserError(f"--scorer must be diffusion, clip, hybrid or fused, not '{scorer}'")
@@ -336,16 +343,26 @@ class Classifier:
         seed: int = 0,
         fused: FusedState | None = None,
         stop_level: float = 0.0,
+        prefilter_m: int = 20,
     ):
         _check_scorer(scorer, hybrid_m)
         prompts = [tokens.prompt(k, template) for k in range(tokens.num_classes)]
+        prefiltered = _prefiltered(scorer, prefilter_m, tokens.num_classes)
+        if prefiltered and bundle.clip is None:
+            raise UserError(
+                f"the diffusion scorer keeps the clip top --prefilter-m {prefilter_m} of the "
+                f"{tokens.num_classes} classes, but model '{bundle.spec}' has no CLIP vision "
+                "tower: pass --clip PATH, or --prefilter-m 0 for the full schedule "
+                "(K x n_samples UNet rows per image)"
+            )
         with torch.no_grad():
-            text = tokens.clip_text_features(table, prompts) if scorer != "diffusion" else None
+            clipped = scorer != "diffusion" or prefiltered
+            text = tokens.clip_text_features(table, prompts) if clipped else None
             diffused = scorer in ("diffusion", "hybrid")
             cond = tokens.class_conditioning(table, template) if diffused else None
         self._build(
             bundle, scorer, cond, text, hybrid_m, n_samples, to_keep, batch_rows, seed,
-            fused=fused, stop_level=stop_level,
+            fused=fused, stop_level=stop_level, prefilter_m=prefilter_m,
         )  # fmt: skip
 
     @classmethod
@@ -361,13 +378,21 @@ class Classifier:
         batch_rows: int = 256,
         seed: int = 0,
         fused: FusedState | None = None,
+        prefilter_m: int = 0,
     ) -> "Classifier":
         """A classifier over precomputed per-class inputs instead of class tokens: `cond`
         (K, L, d) UNet conditioning for the diffusion and hybrid scorers, `text_features`
         (K, P) L2-normalised CLIP text embeddings for the clip, hybrid and fused scorers (e.g.
-        the prompts of true class names, or conditioning another classifier already computed)."""
+        the prompts of true class names, or conditioning another classifier already computed).
+        prefilter_m > 0: the diffusion scorer's clip prefilter, as in the constructor (it then
+        needs `text_features` too when K > prefilter_m); off by default here."""
         _check_scorer(scorer, hybrid_m)
         diffused = scorer in ("diffusion", "hybrid")
+        K = len(cond) if diffused and cond is not None else 0
+        if _prefiltered(scorer, prefilter_m, K) and text_features is None:
+            raise ValueError(
+                f"the diffusion scorer's prefilter (K = {K} > {prefilter_m}) needs text_features"
+            )
         if (diffused and cond is None) or (scorer != "diffusion" and text_features is None):
             need = {
                 "diffusion": "cond",
@@ -388,6 +413,7 @@ class Classifier:
             batch_rows,
             seed,
             fused,
+            prefilter_m=prefilter_m,
         )
         return clf
 
@@ -401,8 +427,8 @@ class Classifier:
         scorer: str,
         fused: FusedState | None = None,
     ) -> "Classifier":
-        """The classifier of a settings object's scorer fields (hybrid_m, n_samples, to_keep,
-        batch_rows, template, seed): `mcti eval/classify` and the server build theirs here.
+        """The classifier of a settings object's scorer fields (hybrid_m, prefilter_m, n_samples,
+        to_keep, batch_rows, template, seed): `mcti eval/classify` and the server build theirs here.
         `fused`: the token set's fused state (mcti.core.fused.load_fused), for the fused scorer."""
         return cls(
             bundle,
@@ -417,6 +443,7 @@ class Classifier:
             seed=settings.seed,
             fused=fused,
             stop_level=settings.stop_level,
+            prefilter_m=settings.prefilter_m,
         )
 
     def _build(
@@ -432,11 +459,16 @@ class Classifier:
         seed: int,
         fused: FusedState | None = None,
         stop_level: float = 0.0,
+        prefilter_m: int = 0,
     ) -> None:
-        self.bundle, self.kind, self.hybrid_m = bundle, scorer, hybrid_m
+        self.bundle, self.kind = bundle, scorer
         self.K = len(cond) if scorer in ("diffusion", "hybrid") else len(text)
+        # classes the clip scorer keeps for diffusion to rank (hybrid; diffusion at K > m), or None
+        self.prefilter = min(hybrid_m, self.K) if scorer == "hybrid" else None
+        if _prefiltered(scorer, prefilter_m, self.K):
+            self.prefilter = prefilter_m
         self.clip = self.diffusion = self.fused = None
-        if scorer != "diffusion":
+        if scorer != "diffusion" or self.prefilter:
             self.clip = ClipScorer.from_text_features(bundle, text)
         if scorer == "fused":
             if fused is None or fused.num_classes != self.K:
@@ -445,9 +477,8 @@ class Classifier:
                 )
             self.fused = fused
         elif scorer != "clip":
-            # hybrid: diffusion ranks only the clip prefilter's top m, so keep at most m
-            m = min(hybrid_m, self.K) if scorer == "hybrid" else self.K
-            schedule = parse_schedule(n_samples, to_keep, m)
+            # diffusion ranks only the clip prefilter's top m (if any), so keep at most m
+            schedule = parse_schedule(n_samples, to_keep, self.prefilter or self.K)
             self.diffusion = DiffusionScorer.from_conditioning(
                 bundle, cond, schedule, batch_rows, seed, stop_level
             )
@@ -461,10 +492,9 @@ class Classifier:
             logp = self.fused.logits(f, f @ self.clip.text.float().cpu().T).log_softmax(1)
             return Scores(logp, torch.zeros_like(logp, dtype=torch.long), 0, logp.exp())
         x0 = self.bundle.encode_images(pixels)
-        if self.kind == "diffusion":
+        if not self.prefilter:
             return self.diffusion.score_latents(x0)
-        pre = self.clip.score_pixels(pixels)
-        cand = pre.scores.topk(min(self.hybrid_m, self.K), dim=1).indices
+        cand = self.clip.score_pixels(pixels).scores.topk(self.prefilter, dim=1).indices  # (B, m)
         return self.diffusion.score_latents(x0, candidates=cand)
 
     @classmethod
