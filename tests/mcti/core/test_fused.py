@@ -2,6 +2,8 @@
 Classifier's `fused` kind and its calibrated probabilities, and the ECE."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,6 +41,25 @@ def test_leave_one_out_equals_scoring_without_the_shot():
         torch.testing.assert_close(loo[i : i + 1], ref)
     # without leaving out, each shot finds itself: at a large beta it is always right
     assert (cache_logp(f, f, y, 3, beta=200.0).argmax(1) == y).all()
+
+
+def test_cache_matches_a_per_class_reference_on_odd_shapes_and_large_beta():
+    """The per-class sum equals logmeanexp over each class's shots written out class by class,
+    at beta 80 (far shots would underflow in float32) and with unequal shots per class."""
+    f, _ = clusters(5, 1, 0.3, 1, dim=13)  # 5 queries
+    feats, _ = clusters(7, 3, 0.8, 2, dim=13)
+    y = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3, 3, 3, 4, 5, 5, 6, 6, 6, 6, 6, 1, 4, 2])  # (21,)
+    for beta in (3.0, 80.0):
+        aff = beta * (f.double() @ feats.double().T - 1)  # (5, 21)
+        lme = torch.stack(
+            [
+                aff[:, y == c].logsumexp(1) - torch.log(torch.tensor((y == c).sum().item()))
+                for c in range(7)
+            ],
+            dim=1,
+        )  # (5, 7)
+        ref = lme.log_softmax(1).float()
+        torch.testing.assert_close(cache_logp(f, feats, y, 7, beta=beta), ref)
 
 
 def test_weights_follow_the_evidence():
@@ -122,3 +143,21 @@ def test_expected_calibration_error():
     assert expected_calibration_error(probs, truth) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
     perfect = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(perfect, torch.tensor([0, 1])) == pytest.approx(0.0)
+
+
+def test_leave_one_out_fit_at_600_classes_fits_in_1_gib():
+    """The cache's memory is O(B N), not O(B N K): the leave-one-out fit at K = 600 x 5 shots
+    runs under a 1 GiB address-space limit (a (N, N, K) mask would ask for 21.6 GB). In a child
+    process, since the limit cannot be lifted again."""
+    code = (
+        "import resource, torch\n"
+        "from mcti.core.fused import cache_logp\n"
+        "y = torch.arange(600).repeat_interleave(5)\n"
+        "f = torch.nn.functional.normalize(torch.randn(len(y), 64), dim=1)\n"
+        "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, vm + 2**30))\n"
+        "out = cache_logp(f, f, y, 600, 20.0, leave_out=True)\n"
+        "assert out.shape == (3000, 600) and torch.isfinite(out).all()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-500:]
