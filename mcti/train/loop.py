@@ -27,6 +27,7 @@ from mcti.settings import TrainArgs, check_settings, part
 from mcti.train.checkpoint import Checkpoint
 from mcti.train.extend import (
     Extension,
+    FrozenTextNegatives,
     JoinedTable,
     old_class_images,
     old_fused_cache,
@@ -52,12 +53,15 @@ class Prepared:
     shot_paths: list[str]  # the shots of --data
     # The batches' pool of N shots: those of --data, then (--extend) the frozen classes' shots
     labels: torch.Tensor  # (N,) class of each shot
-    latents: torch.Tensor  # (2, N, C, h, w): unflipped, flipped
+    # (2, N', C, h, w) unflipped, flipped, of the first N' shots: all but the frozen classes'
+    # unless --reg denoise (elsewhere their items teach nothing, so are never computed)
+    latents: torch.Tensor
     image_embeds: torch.Tensor | None  # (N, P) CLIP embeddings (clip reg)
     tokens: TokenSet  # every class of the output set
     table: TokenTable  # the trained classes (all, unless extending)
     objective: Objective
     extension: Extension | None = None  # --extend: the frozen classes and where they go
+    text_negatives: FrozenTextNegatives | None = None  # --extend with --reg clip
 
 
 def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = False) -> Prepared:
@@ -78,15 +82,19 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
     if missing:
         raise UserError(f"class '{data.classes[missing[0]]}' has no readable image")
     classes = plan.labels if plan else data.classes  # the output set's classes
+    encoded = len(pixels)  # shots whose latents an item can need
     if plan:  # class index in --data -> in the merged set; then the frozen classes' shots
         labels = torch.tensor(plan.trained)[labels]
         clip_reg = settings.method == "mcti" and settings.reg == "clip"
         old = old_class_images(plan, bundle.resolution, required=clip_reg)
         pixels = torch.cat([pixels, *old.values()])
         labels = torch.cat([labels, *(torch.full((len(x),), k) for k, x in old.items())])
+        if settings.method == "mcti" and settings.reg == "denoise":  # their items can teach
+            encoded = len(pixels)
     with torch.no_grad():
+        shots = pixels[:encoded]
         latents = torch.stack(
-            [_encode_chunked(bundle, pixels), _encode_chunked(bundle, pixels.flip(-1))]
+            [_encode_chunked(bundle, shots), _encode_chunked(bundle, shots.flip(-1))]
         ).cpu()
     image_embeds = class_embeds = counts = None
     if settings.method == "mcti" and settings.reg == "clip":
@@ -100,6 +108,9 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
     table = TokenTable(len(data.classes), cfg.n_vectors, tokens.init_vector(cfg.init_word))
     table.to(bundle.device)
     objective = Objective(bundle, tokens, settings, class_embeds, counts)
+    text_negatives = None
+    if extension is not None and image_embeds is not None and not extension.is_trained.all():
+        text_negatives = FrozenTextNegatives(tokens, extension)
     return Prepared(
         bundle,
         data,
@@ -111,6 +122,7 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
         table,
         objective,
         extension,
+        text_negatives,
     )
 
 
@@ -144,19 +156,30 @@ def batch_of_shots(p: Prepared, idx: torch.Tensor, gen: torch.Generator, hard_we
 def batch_loss(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:
     """Loss of a (local) batch as made by `global_batch` (or a shard of it). Extending, the items
     that teach the trained tokens nothing are skipped; the loss is scaled so its gradient is that
-    of the whole batch (a batch with none computes one item at weight 0: zero gradients, so the
-    optimizer steps every trained row, as in a scratch run where a class missed the batch)."""
+    of the whole batch. A batch with none computes one item at weight 0: zero gradients, so the
+    optimizer steps every trained row, as in a scratch run where a class missed the batch (and
+    the metrics keep their keys, which the ranks of a data-parallel run average)."""
     scale = 1.0
     if p.extension is not None:
         keep = p.extension.teaches(
             batch, p.objective.s.reg if p.objective.s.method == "mcti" else None
         )
-        if not keep.all():
+        if not keep.any():  # nothing to teach: --data's first shot at weight 0
+            scale = 0.0
+            batch = {k: v[:1] for k, v in batch.items()} | {
+                "idx": torch.zeros(1, dtype=torch.long),
+                "labels": p.labels[:1],
+            }
+        elif not keep.all():
             scale = keep.float().mean().item()
-            if not keep.any():
-                keep[0] = True
             batch = {k: v[keep] for k, v in batch.items()}
     loss, metrics = _loss_of(p, batch)
+    if p.text_negatives is not None:  # --reg clip, extending: beat the frozen texts
+        term = p.text_negatives.loss(
+            full_table(p), p.image_embeds[batch["idx"]], batch["labels"], batch["template"]
+        )
+        loss = loss + p.objective.s.gamma * term
+        metrics["ce_frozen_text"] = term.item()
     return loss * scale, metrics
 
 

@@ -3,11 +3,21 @@ new token gets the updates it would get there (batches of new-class images alone
 classes 6.7 points below scratch); the items that cannot teach a trained token are skipped, and
 that skipping changes no gradient."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from mcti.settings import TrainArgs
-from mcti.train.loop import _loss_of, batch_loss, batch_of_shots, global_batch, prepare
+from mcti.train.extend import old_class_images
+from mcti.train.loop import (
+    _loss_of,
+    batch_loss,
+    batch_of_shots,
+    full_table,
+    global_batch,
+    prepare,
+)
 
 
 def prepared(old_set, tmp_path, **kw):
@@ -17,6 +27,15 @@ def prepared(old_set, tmp_path, **kw):
         draws=1, batch_size=8, device="cpu", **kw,
     )  # fmt: skip
     return prepare(cfg, quiet=True)
+
+
+def with_every_latent(p):
+    """`p` with the latents of the frozen classes' shots too (with --reg clip an extension never
+    encodes them: their items teach nothing), to compute every item of a batch."""
+    old = old_class_images(p.extension.plan, p.bundle.resolution, required=True)
+    pixels = torch.cat(list(old.values()))  # in the pool's order, as `prepare` appends them
+    latents = torch.stack([p.bundle.encode_images(x) for x in (pixels, pixels.flip(-1))])
+    return replace(p, latents=torch.cat([p.latents, latents.cpu()], dim=1))
 
 
 def grad_of(p, loss_fn, batch) -> torch.Tensor:
@@ -42,6 +61,7 @@ def test_skipping_the_items_that_teach_nothing_changes_no_gradient(
     negatives,
 ):
     p = prepared(old_set, tmp_path, reg=reg, negatives=negatives)
+    p = replace(p, text_negatives=None)  # the clip term alone (the added term: below)
     batch = batch_of_shots(p, torch.arange(len(p.labels)), torch.Generator().manual_seed(1))
     keep = p.extension.teaches(batch, reg)
     assert keep[: len(p.shot_paths)].all()  # every new-class item teaches
@@ -50,7 +70,9 @@ def test_skipping_the_items_that_teach_nothing_changes_no_gradient(
     else:  # an old item teaches when a new class is among its negatives
         hits = (batch["negatives"][len(p.shot_paths) :] >= 3).any(1)
         assert torch.equal(keep[len(p.shot_paths) :], hits) and hits.any() and not hits.all()
-    full = grad_of(p, _loss_of, batch)  # every item computed
+    n_latents = len(p.labels) if reg == "denoise" else len(p.shot_paths)
+    assert p.latents.shape[1] == n_latents  # only those of items that can teach
+    full = grad_of(with_every_latent(p), _loss_of, batch)  # every item computed
     skipped = grad_of(p, batch_loss, batch)
     assert full.abs().sum() > 0
     torch.testing.assert_close(skipped, full, rtol=1e-4, atol=1e-7)
@@ -63,5 +85,25 @@ def test_a_batch_without_new_classes_gives_zero_gradients_not_none(old_set, tmp_
     batch = batch_of_shots(p, old_items, torch.Generator().manual_seed(2))
     loss, metrics = batch_loss(p, batch)
     loss.backward()
-    assert loss.item() == 0 and "loss" in metrics
+    assert loss.item() == 0 and set(metrics) == {"ti", "ce", "disc_acc", "loss", "ce_frozen_text"}
     assert p.table.vectors.grad is not None and not p.table.vectors.grad.any()
+
+
+def test_new_images_must_pick_their_token_over_every_frozen_text(old_set, tmp_path):
+    """--reg clip: the trained classes' images against the frozen classes' texts (the clip
+    scorer's decision), gradient to the trained rows only; --reg denoise has no such term (its
+    logits already are one image against every candidate class)."""
+    p = prepared(old_set, tmp_path, reg="clip", negatives=2)
+    assert p.text_negatives.frozen == [0, 1, 2]
+    new_items = torch.arange(len(p.shot_paths))
+    batch = batch_of_shots(p, new_items, torch.Generator().manual_seed(3))
+    term = p.text_negatives.loss(
+        full_table(p), p.image_embeds[new_items], batch["labels"], batch["template"]
+    )
+    term.backward()
+    assert 0 < term.item() < 10 and p.table.vectors.grad.abs().sum() > 0
+    loss, metrics = batch_loss(p, batch)
+    without = _loss_of(p, batch)[0]
+    assert "ce_frozen_text" in metrics
+    assert loss.item() == pytest.approx(without.item() + 0.1 * metrics["ce_frozen_text"], rel=1e-4)
+    assert prepared(old_set, tmp_path, reg="denoise", negatives=2).text_negatives is None
