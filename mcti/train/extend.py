@@ -28,7 +28,7 @@ import torch
 from mcti.core.fused import has_fused, load_fused
 from mcti.core.model import ModelBundle
 from mcti.core.store import StoredTokens, check_base_model, read_tokens
-from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
+from mcti.core.tokens import TokenSet, TokenTable
 from mcti.core.tokenset_ops import RUN_KEYS, edited_meta, history
 from mcti.data.coop import open_dataset
 from mcti.data.folders import UNREADABLE
@@ -159,39 +159,39 @@ class Extension:
         )
 
 
-class FrozenTextNegatives:
-    """--reg clip, extending: the trained classes' images must pick their own token's text over
-    every frozen class's text, the clip scorer's decision. The clip term ranks images for a
-    text, and a frozen token never saw the new classes' images as negatives (in a run from
-    scratch it would have): measured, the frozen tokens took the new classes' images, not the
-    new tokens being worse (benchmarks/RESULTS.md). This term makes the new tokens beat them.
-    The frozen texts are computed once per template."""
+class ScorerDecision:
+    """--reg clip, extending: the clip scorer's decision, trained. Each batch image, the frozen
+    classes' images included, must pick its own class's text among every class's text under
+    the scorer's prompt. The clip term ranks images for a text, and a frozen token never saw
+    the new classes' images as negatives (from scratch it would have): measured, the frozen
+    tokens took the new classes' images; the new tokens were no worse than scratch's
+    (benchmarks/RESULTS.md). Here the new tokens learn to win their images from the frozen
+    texts, and (from the frozen classes' images) not to take theirs. Gradient reaches the
+    trained rows only; the frozen texts are computed once."""
 
     def __init__(self, tokens: TokenSet, extension: "Extension"):
-        self.tokens, self.extension = tokens, extension
-        self.frozen = (~extension.is_trained).nonzero().flatten().tolist()  # merged indices
-        self.cache: dict[int, torch.Tensor] = {}  # template -> (F, P) unit text features
+        self.tokens = tokens
+        self.trained = extension.is_trained.nonzero().flatten()  # (T,) merged indices
+        self.frozen = (~extension.is_trained).nonzero().flatten()  # (F,)
+        self.frozen_texts: torch.Tensor | None = None  # (F, P) unit CLIP text features
 
-    def texts(self, template: int, table: JoinedTable) -> torch.Tensor:
-        if template not in self.cache:
-            prompts = [self.tokens.prompt(k, TEMPLATES[template]) for k in self.frozen]
+    def texts(self, table: JoinedTable) -> torch.Tensor:
+        """(K, P) unit text features of every class (the trained ones differentiable)."""
+        prompts = [self.tokens.prompt(k) for k in self.trained.tolist()]
+        fresh = self.tokens.clip_text_features(table, prompts).float()  # (T, P)
+        if self.frozen_texts is None:
             with torch.no_grad():
-                self.cache[template] = self.tokens.clip_text_features(table, prompts).float()
-        return self.cache[template]
+                prompts = [self.tokens.prompt(k) for k in self.frozen.tolist()]
+                self.frozen_texts = self.tokens.clip_text_features(table, prompts).float()
+        out = torch.zeros(self.tokens.num_classes, fresh.shape[1], device=fresh.device)
+        out = out.index_copy(0, self.frozen.to(out.device), self.frozen_texts)
+        return out.index_copy(0, self.trained.to(out.device), fresh)
 
-    def loss(
-        self, table: JoinedTable, image_embeds: torch.Tensor, labels: torch.Tensor, templates
-    ) -> torch.Tensor:
-        """image_embeds (B, P) unit, of trained-class items; labels (B,); templates (B,)."""
-        prompts = [self.tokens.prompt(y, TEMPLATES[t]) for y, t in zip(labels.tolist(), templates.tolist(), strict=True)]  # fmt: skip
-        own = self.tokens.clip_text_features(table, prompts).float()  # (B, P)
-        img = image_embeds.to(own.device).float()
-        frozen = torch.stack([self.texts(t, table) for t in templates.tolist()])  # (B, F, P)
-        logits = 10 * torch.cat(
-            [(img * own).sum(1, keepdim=True), torch.einsum("bp,bfp->bf", img, frozen)], dim=1
-        )  # (B, 1 + F): own text first
-        target = torch.zeros(len(img), dtype=torch.long, device=logits.device)
-        return torch.nn.functional.cross_entropy(logits, target)
+    def loss(self, table: JoinedTable, image_embeds: torch.Tensor, labels: torch.Tensor):
+        """image_embeds (B, P) unit, labels (B,) merged classes -> mean cross-entropy."""
+        text = self.texts(table)  # (K, P)
+        logits = 10 * image_embeds.to(text.device).float() @ text.T  # (B, K)
+        return torch.nn.functional.cross_entropy(logits, labels.to(text.device))
 
 
 def old_class_images(plan: ExtendPlan, size: int, required: bool) -> dict[int, torch.Tensor]:

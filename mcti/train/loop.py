@@ -27,8 +27,8 @@ from mcti.settings import TrainArgs, check_settings, part
 from mcti.train.checkpoint import Checkpoint
 from mcti.train.extend import (
     Extension,
-    FrozenTextNegatives,
     JoinedTable,
+    ScorerDecision,
     old_class_images,
     old_fused_cache,
     plan_extension,
@@ -61,7 +61,7 @@ class Prepared:
     table: TokenTable  # the trained classes (all, unless extending)
     objective: Objective
     extension: Extension | None = None  # --extend: the frozen classes and where they go
-    text_negatives: FrozenTextNegatives | None = None  # --extend with --reg clip
+    decision: ScorerDecision | None = None  # --extend with --reg clip
 
 
 def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = False) -> Prepared:
@@ -108,9 +108,9 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
     table = TokenTable(len(data.classes), cfg.n_vectors, tokens.init_vector(cfg.init_word))
     table.to(bundle.device)
     objective = Objective(bundle, tokens, settings, class_embeds, counts)
-    text_negatives = None
+    decision = None
     if extension is not None and image_embeds is not None and not extension.is_trained.all():
-        text_negatives = FrozenTextNegatives(tokens, extension)
+        decision = ScorerDecision(tokens, extension)
     return Prepared(
         bundle,
         data,
@@ -122,7 +122,7 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
         table,
         objective,
         extension,
-        text_negatives,
+        decision,
     )
 
 
@@ -154,12 +154,13 @@ def batch_of_shots(p: Prepared, idx: torch.Tensor, gen: torch.Generator, hard_we
 
 
 def batch_loss(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Loss of a (local) batch as made by `global_batch` (or a shard of it). Extending, the items
-    that teach the trained tokens nothing are skipped; the loss is scaled so its gradient is that
-    of the whole batch. A batch with none computes one item at weight 0: zero gradients, so the
-    optimizer steps every trained row, as in a scratch run where a class missed the batch (and
-    the metrics keep their keys, which the ranks of a data-parallel run average)."""
-    scale = 1.0
+    """Loss of a (local) batch as made by `global_batch` (or a shard of it). Extending, the
+    objective skips the items that teach the trained tokens nothing, scaled so its gradient is
+    that of the whole batch. A batch with none computes one item at weight 0: zero gradients,
+    so the optimizer steps every trained row, as in a scratch run where a class missed the
+    batch (and the metrics keep their keys, which the ranks of a data-parallel run average).
+    With --reg clip an extension adds `ScorerDecision` over every item of the batch."""
+    full, scale = batch, 1.0
     if p.extension is not None:
         keep = p.extension.teaches(
             batch, p.objective.s.reg if p.objective.s.method == "mcti" else None
@@ -174,13 +175,12 @@ def batch_loss(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:
             scale = keep.float().mean().item()
             batch = {k: v[keep] for k, v in batch.items()}
     loss, metrics = _loss_of(p, batch)
-    if p.text_negatives is not None:  # --reg clip, extending: beat the frozen texts
-        term = p.text_negatives.loss(
-            full_table(p), p.image_embeds[batch["idx"]], batch["labels"], batch["template"]
-        )
+    loss = loss * scale
+    if p.decision is not None:
+        term = p.decision.loss(full_table(p), p.image_embeds[full["idx"]], full["labels"])
         loss = loss + p.objective.s.gamma * term
-        metrics["ce_frozen_text"] = term.item()
-    return loss * scale, metrics
+        metrics["ce_decision"] = term.item()
+    return loss, metrics
 
 
 def _loss_of(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:

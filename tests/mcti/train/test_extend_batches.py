@@ -14,7 +14,6 @@ from mcti.train.loop import (
     _loss_of,
     batch_loss,
     batch_of_shots,
-    full_table,
     global_batch,
     prepare,
 )
@@ -61,7 +60,7 @@ def test_skipping_the_items_that_teach_nothing_changes_no_gradient(
     negatives,
 ):
     p = prepared(old_set, tmp_path, reg=reg, negatives=negatives)
-    p = replace(p, text_negatives=None)  # the clip term alone (the added term: below)
+    p = replace(p, decision=None)  # the objective alone (the added term: below)
     batch = batch_of_shots(p, torch.arange(len(p.labels)), torch.Generator().manual_seed(1))
     keep = p.extension.teaches(batch, reg)
     assert keep[: len(p.shot_paths)].all()  # every new-class item teaches
@@ -80,30 +79,32 @@ def test_skipping_the_items_that_teach_nothing_changes_no_gradient(
 
 def test_a_batch_without_new_classes_gives_zero_gradients_not_none(old_set, tmp_path):
     """As in a scratch run where a class missed the batch, AdamW still steps its row."""
-    p = prepared(old_set, tmp_path, reg="clip", negatives=2)
+    p = prepared(old_set, tmp_path, method="ti")
     old_items = torch.arange(len(p.shot_paths), len(p.labels))[:4]
     batch = batch_of_shots(p, old_items, torch.Generator().manual_seed(2))
     loss, metrics = batch_loss(p, batch)
     loss.backward()
-    assert loss.item() == 0 and set(metrics) == {"ti", "ce", "disc_acc", "loss", "ce_frozen_text"}
+    assert loss.item() == 0 and set(metrics) == {"ti", "loss"}
     assert p.table.vectors.grad is not None and not p.table.vectors.grad.any()
 
 
-def test_new_images_must_pick_their_token_over_every_frozen_text(old_set, tmp_path):
-    """--reg clip: the trained classes' images against the frozen classes' texts (the clip
-    scorer's decision), gradient to the trained rows only; --reg denoise has no such term (its
-    logits already are one image against every candidate class)."""
+def test_every_image_must_pick_its_class_text_among_all(old_set, tmp_path):
+    """--reg clip: the scorer's decision over all K texts, for new-class images and for the
+    frozen classes' images (those teach the new tokens not to take them); gradient to the
+    trained rows only. --reg denoise has no such term: its logits already are one image
+    against its candidate classes."""
     p = prepared(old_set, tmp_path, reg="clip", negatives=2)
-    assert p.text_negatives.frozen == [0, 1, 2]
-    new_items = torch.arange(len(p.shot_paths))
-    batch = batch_of_shots(p, new_items, torch.Generator().manual_seed(3))
-    term = p.text_negatives.loss(
-        full_table(p), p.image_embeds[new_items], batch["labels"], batch["template"]
-    )
-    term.backward()
-    assert 0 < term.item() < 10 and p.table.vectors.grad.abs().sum() > 0
-    loss, metrics = batch_loss(p, batch)
-    without = _loss_of(p, batch)[0]
-    assert "ce_frozen_text" in metrics
-    assert loss.item() == pytest.approx(without.item() + 0.1 * metrics["ce_frozen_text"], rel=1e-4)
-    assert prepared(old_set, tmp_path, reg="denoise", negatives=2).text_negatives is None
+    assert p.decision.frozen.tolist() == [0, 1, 2] and p.decision.trained.tolist() == [3, 4]
+    old_items = torch.arange(len(p.shot_paths), len(p.labels))[:4]
+    batch = batch_of_shots(p, old_items, torch.Generator().manual_seed(3))
+    loss, metrics = batch_loss(p, batch)  # the objective at weight 0: the decision alone
+    assert loss.item() == pytest.approx(0.1 * metrics["ce_decision"], rel=1e-5)
+    loss.backward()
+    assert p.table.vectors.grad.abs().sum() > 0
+    p.table.vectors.grad = None
+    mixed = batch_of_shots(p, torch.arange(len(p.labels)), torch.Generator().manual_seed(4))
+    loss, metrics = batch_loss(p, mixed)
+    keep = p.extension.teaches(mixed, "clip")
+    objective = _loss_of(p, {k: v[keep] for k, v in mixed.items()})[0] * keep.float().mean()
+    assert loss.item() == pytest.approx(objective.item() + 0.1 * metrics["ce_decision"], rel=1e-4)
+    assert prepared(old_set, tmp_path, reg="denoise", negatives=2).decision is None
