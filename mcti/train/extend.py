@@ -8,13 +8,13 @@ gradient reaches the trained rows only. AdamW's weight decay never touches a fro
 the export copies OLD's rows from its file: they stay bit-identical.
 Classes are ordered OLD's labels first (a replaced label keeps its place), then the new ones.
 
-Batches are drawn from the shots of all K classes, OLD's training images included, exactly as a
-run from scratch draws them, so each trained token gets the updates it would get there: batches
-of new-class images alone gave each new token K/T times the updates of a scratch run, and the
-new classes scored 6.7 points below scratch (benchmarks/RESULTS.md). An item of a frozen class
-teaches the trained tokens only as their negative under --reg denoise (with --reg clip and in TI
-only the true class's token gets gradient); the others are skipped (`Extension.teaches`), so a
-step costs about T/K of a scratch step.
+Batches are drawn from the shots of all K classes, OLD's training images included, as a run
+from scratch draws them, so each trained token gets the updates it would get there. An item of
+a frozen class reaches the trained tokens only as their negative under --reg denoise, and with
+--reg clip through `ScorerDecision`; the objective skips the others (`Extension.teaches`), so a
+step costs about T/K of a scratch step plus that term. Why the term: with frozen tokens the new
+classes scored 6.7 points below scratch, and swapping halves between the two sets showed the
+frozen old tokens taking the new classes' images, not worse new tokens (benchmarks/RESULTS.md).
 """
 
 import hashlib
