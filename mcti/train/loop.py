@@ -211,6 +211,9 @@ def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
     }
     if p.extension is not None:
         fp["extended_set"] = p.extension.digest()
+        # batches from every class's shots, and ScorerDecision (an older extension's checkpoint
+        # drew new-class batches alone: refused rather than continued with another objective)
+        fp["extension_batches"] = "all-classes/1"
     return fp
 
 
