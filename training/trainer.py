@@ -39,6 +39,7 @@ from mcti.train.loop import (
     full_table,
     prepare,
     run_fingerprint,
+    save_fused_state,
 )
 from mcti.train.outdir import lock_out_dir
 from mcti.train.runlog import RunLog
@@ -344,6 +345,9 @@ def train_loop(
         writer.close()
     if not ran:  # resumed a run that had already finished: export its tokens again
         export_tokens(r, step)
+    table = master_table(r.p)  # collective under ZeRO with bf16/fp16
+    if rank == 0:  # the fused scorer's state, as `mcti train` writes it
+        save_fused_state(r.args, replace(r.p, table=table.to(device)))
     if rank == 0 and not args.quiet:
         K = r.p.tokens.num_classes
         print(f"wrote {K} class tokens to {out}/learned_embeds.safetensors and {out}/classes.json")

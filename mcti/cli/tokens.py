@@ -8,6 +8,7 @@ half-overwritten, and the inputs are never touched.
 import json
 from pathlib import Path
 
+from mcti.core.fused import edited_fused, has_fused, load_fused, save_fused
 from mcti.core.store import StoredTokens, read_tokens, write_tokens
 from mcti.core.tokenset_ops import history, merge, remove, rename
 from mcti.errors import UserError
@@ -113,8 +114,20 @@ def _check_new_out(out: str, inputs: list[str]) -> None:
         raise UserError(f"--out '{out}' is not empty; pick a new directory")
 
 
-def _write(out: str, s: StoredTokens) -> None:
+def _write(out: str, s: StoredTokens, inputs: list[tuple[str, StoredTokens]], renamed=None) -> None:
+    """Write the edited set, and the inputs' fused-scorer caches with their classes when every
+    input has one (read before anything is written: a corrupt one writes nothing)."""
+    fused = None
+    if all(has_fused(path) for path, _ in inputs):
+        renamed = renamed or {}
+        parts = [
+            (load_fused(path, len(t.labels)), [renamed.get(x, x) for x in t.labels])
+            for path, t in inputs
+        ]
+        fused = edited_fused(parts, s.labels)
     write_tokens(out, s)
+    if fused is not None:
+        save_fused(out, fused)
     print(f"wrote {len(s.labels)} class tokens to {out}")
 
 
@@ -128,7 +141,8 @@ def merge_sets(a: TokensMergeArgs) -> None:
     if len(a.tokens) < 2:
         raise UserError("merge needs at least two token directories")
     _check_new_out(a.out, a.tokens)
-    _write(a.out, merge([read_tokens(t) for t in a.tokens], list(a.tokens)))
+    sets = [(t, read_tokens(t)) for t in a.tokens]
+    _write(a.out, merge([s for _, s in sets], list(a.tokens)), sets)
 
 
 def remove_labels(a: TokensRemoveArgs) -> None:
@@ -137,7 +151,7 @@ def remove_labels(a: TokensRemoveArgs) -> None:
     labels = _items(a.labels, set(s.labels))
     if not labels:
         raise UserError("--labels names no label")
-    _write(a.out, remove(s, labels))
+    _write(a.out, remove(s, labels), [(a.tokens, s)])
 
 
 def rename_labels(a: TokensRenameArgs) -> None:
@@ -153,4 +167,4 @@ def rename_labels(a: TokensRenameArgs) -> None:
         mapping[old] = new
     if not mapping:
         raise UserError("--map names no label")
-    _write(a.out, rename(s, mapping))
+    _write(a.out, rename(s, mapping), [(a.tokens, s)], mapping)

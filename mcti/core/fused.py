@@ -239,3 +239,32 @@ def load_fused(path: str | Path, num_classes: int) -> FusedState:
             f"fused scorer state in '{path}' does not match its token set ({num_classes} classes)"
         )
     return FusedState(feats, labels, num_classes, params)
+
+
+def edited_fused(parts: list[tuple[FusedState, list[str]]], labels: list[str]) -> FusedState:
+    """The fused state of an edited token set (`mcti tokens merge|remove|rename`), without the
+    model: the cache rows of each part (a state and its classes' labels, renamed) whose label
+    is in `labels`, renumbered to `labels`. One part keeps its fitted numbers; several get their
+    mean weighted by classes (a refit needs the tokens' CLIP scores, so the model: `mcti train`
+    and `--extend` refit)."""
+    feats, ys, params = [], [], []
+    for state, names in parts:
+        index = torch.tensor([labels.index(x) if x in labels else -1 for x in names])
+        y = index[state.labels]
+        feats.append(state.features[y >= 0])
+        ys.append(y[y >= 0])
+        params.append((state.params, len(names)))
+    if len(parts) == 1:
+        fitted = params[0][0]
+    else:
+        w = torch.tensor([n for _, n in params], dtype=torch.float64)
+        w = w / w.sum()
+
+        def mean(key: str) -> float:
+            return float(sum(wi * getattr(p, key) for wi, (p, _) in zip(w, params, strict=True)))
+
+        fitted = FusedParams(
+            *(mean(k) for k in ("beta", "w_cache", "w_tokens", "token_shrink")),
+            evidence={"merged": [p.evidence for p, _ in params]},
+        )
+    return FusedState(torch.cat(feats), torch.cat(ys), len(labels), fitted)

@@ -16,17 +16,24 @@ import torch
 from tqdm import tqdm
 
 from mcti.core import openset
-from mcti.core.fused import fit_for_tokens, save_fused
+from mcti.core.fused import fit_for_tokens, fit_fused, save_fused
 from mcti.core.model import ModelBundle, load_model
 from mcti.core.objectives import Objective, ObjectiveSettings, sample_draws
 from mcti.core.store import read_meta, save_tokens, write_tokens
-from mcti.core.tokens import TokenSet, TokenTable
+from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
 from mcti.data.coop import open_dataset, pick_shots
 from mcti.data.folders import ImageFolder, load_images, load_shots
 from mcti.errors import UserError
 from mcti.settings import TrainArgs, check_settings, part
 from mcti.train.checkpoint import Checkpoint
-from mcti.train.extend import Extension, JoinedTable, old_class_images, plan_extension
+from mcti.train.extend import (
+    Extension,
+    JoinedTable,
+    ScorerDecision,
+    old_class_images,
+    old_fused_cache,
+    plan_extension,
+)
 from mcti.train.outdir import lock_out_dir, refuse_unless_resume
 from mcti.train.runlog import RunLog
 
@@ -44,14 +51,18 @@ class Prepared:
 
     bundle: ModelBundle
     data: ImageFolder
-    shot_paths: list[str]
+    shot_paths: list[str]  # the shots of --data
+    # The batches' pool of N shots: those of --data, then (--extend) the frozen classes' shots
     labels: torch.Tensor  # (N,) class of each shot
-    latents: torch.Tensor  # (2, N, C, h, w): unflipped, flipped
+    # (2, N', C, h, w) unflipped, flipped, of the first N' shots: all but the frozen classes'
+    # unless --reg denoise (elsewhere their items teach nothing, so are never computed)
+    latents: torch.Tensor
     image_embeds: torch.Tensor | None  # (N, P) CLIP embeddings (clip reg)
     tokens: TokenSet  # every class of the output set
     table: TokenTable  # the trained classes (all, unless extending)
     objective: Objective
     extension: Extension | None = None  # --extend: the frozen classes and where they go
+    decision: ScorerDecision | None = None  # --extend with --reg clip
 
 
 def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = False) -> Prepared:
@@ -72,28 +83,35 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
     if missing:
         raise UserError(f"class '{data.classes[missing[0]]}' has no readable image")
     classes = plan.labels if plan else data.classes  # the output set's classes
-    if plan:  # class index in --data -> in the merged set
+    encoded = len(pixels)  # shots whose latents an item can need
+    if plan:  # class index in --data -> in the merged set; then the frozen classes' shots
         labels = torch.tensor(plan.trained)[labels]
+        clip_reg = settings.method == "mcti" and settings.reg == "clip"
+        old = old_class_images(plan, bundle.resolution, required=clip_reg)
+        pixels = torch.cat([pixels, *old.values()])
+        labels = torch.cat([labels, *(torch.full((len(x),), k) for k, x in old.items())])
+        if settings.method == "mcti" and settings.reg == "denoise":  # their items can teach
+            encoded = len(pixels)
     with torch.no_grad():
+        shots = pixels[:encoded]
         latents = torch.stack(
-            [_encode_chunked(bundle, pixels), _encode_chunked(bundle, pixels.flip(-1))]
+            [_encode_chunked(bundle, shots), _encode_chunked(bundle, shots.flip(-1))]
         ).cpu()
     image_embeds = class_embeds = counts = None
     if settings.method == "mcti" and settings.reg == "clip":
         image_embeds = bundle.clip_image_features(pixels).cpu()
-        per_class = {k: image_embeds[labels == k] for k in labels.unique().tolist()}
-        if plan:  # the frozen classes are negatives too: embed their training images
-            old = old_class_images(plan, bundle.resolution)
-            per_class.update({k: bundle.clip_image_features(x).cpu() for k, x in old.items()})
         K = len(classes)
-        counts = torch.tensor([len(per_class[k]) for k in range(K)])
+        counts = torch.bincount(labels, minlength=K)
         class_embeds = torch.zeros(K, int(counts.max()), image_embeds.shape[1])  # (K, S, P)
         for k in range(K):
-            class_embeds[k, : counts[k]] = per_class[k]
+            class_embeds[k, : counts[k]] = image_embeds[labels == k]
     tokens = TokenSet(bundle, len(classes), cfg.n_vectors)
     table = TokenTable(len(data.classes), cfg.n_vectors, tokens.init_vector(cfg.init_word))
     table.to(bundle.device)
     objective = Objective(bundle, tokens, settings, class_embeds, counts)
+    decision = None
+    if extension is not None and image_embeds is not None and not extension.is_trained.all():
+        decision = ScorerDecision(tokens, extension)
     return Prepared(
         bundle,
         data,
@@ -105,6 +123,7 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
         table,
         objective,
         extension,
+        decision,
     )
 
 
@@ -136,7 +155,36 @@ def batch_of_shots(p: Prepared, idx: torch.Tensor, gen: torch.Generator, hard_we
 
 
 def batch_loss(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Loss of a (local) batch as made by `global_batch` (or a shard of it)."""
+    """Loss of a (local) batch as made by `global_batch` (or a shard of it). Extending, the
+    objective skips the items that teach the trained tokens nothing, scaled so its gradient is
+    that of the whole batch. A batch with none computes one item at weight 0: zero gradients,
+    so the optimizer steps every trained row, as in a scratch run where a class missed the
+    batch (and the metrics keep their keys, which the ranks of a data-parallel run average).
+    With --reg clip an extension adds `ScorerDecision` over every item of the batch."""
+    full, scale = batch, 1.0
+    if p.extension is not None:
+        keep = p.extension.teaches(
+            batch, p.objective.s.reg if p.objective.s.method == "mcti" else None
+        )
+        if not keep.any():  # nothing to teach: --data's first shot at weight 0
+            scale = 0.0
+            batch = {k: v[:1] for k, v in batch.items()} | {
+                "idx": torch.zeros(1, dtype=torch.long),
+                "labels": p.labels[:1],
+            }
+        elif not keep.all():
+            scale = keep.float().mean().item()
+            batch = {k: v[keep] for k, v in batch.items()}
+    loss, metrics = _loss_of(p, batch)
+    loss = loss * scale
+    if p.decision is not None:
+        term = p.decision.loss(full_table(p), p.image_embeds[full["idx"]], full["labels"])
+        loss = loss + p.objective.s.gamma * term
+        metrics["ce_decision"] = term.item()
+    return loss, metrics
+
+
+def _loss_of(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:
     idx = batch["idx"]
     x0 = p.latents[batch["flip"].long(), idx].to(p.bundle.device)  # (B, C, h, w)
     embeds = p.image_embeds[idx] if p.image_embeds is not None else None
@@ -164,6 +212,9 @@ def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
     }
     if p.extension is not None:
         fp["extended_set"] = p.extension.digest()
+        # batches from every class's shots, and ScorerDecision (an older extension's checkpoint
+        # drew new-class batches alone: refused rather than continued with another objective)
+        fp["extension_batches"] = "all-classes/1"
     return fp
 
 
@@ -204,12 +255,24 @@ def train(cfg: TrainArgs, bundle: ModelBundle | None = None) -> Prepared:
 
 def save_fused_state(cfg: TrainArgs, p: Prepared) -> None:
     """The fused scorer's state (mcti.core.fused) of the finished tokens, fitted on their shots;
-    none without a CLIP vision tower, and none for an extension (--extend), whose old classes'
-    shot features are not stored with their set yet: the fused scorer then says so."""
-    if p.bundle.clip is None or p.extension is not None:
+    none without a CLIP vision tower. An extension's cache is OLD's cache (or, if OLD has none,
+    the features of OLD's training images) plus the new shots' features, refitted as a whole."""
+    if p.bundle.clip is None:
         return
     pixels = shot_pixels(p)  # (N, 3, H, W)
-    save_fused(cfg.out, fit_for_tokens(p.bundle, p.tokens, p.table, pixels, p.labels))
+    labels = p.labels[: len(pixels)]
+    if p.extension is None:
+        save_fused(cfg.out, fit_for_tokens(p.bundle, p.tokens, p.table, pixels, labels))
+        return
+    feats = _clip_features(p.bundle, pixels)  # (N, P)
+    old = old_fused_cache(p.extension.plan) or _old_class_features(p)
+    if old is not None:
+        feats, labels = torch.cat([old[0], feats]), torch.cat([old[1], labels])
+    K = p.tokens.num_classes
+    with torch.no_grad():
+        prompts = [p.tokens.prompt(k, TEMPLATES[0]) for k in range(K)]
+        text = p.tokens.clip_text_features(full_table(p), prompts).float().cpu()  # (K, P)
+    save_fused(cfg.out, fit_fused(feats, labels, K, feats @ text.T))
 
 
 def save_open_set_state(cfg: TrainArgs, p: Prepared) -> None:
@@ -217,7 +280,10 @@ def save_open_set_state(cfg: TrainArgs, p: Prepared) -> None:
     shots leave-one-out; skipped as the fused state is (classify then fits it from the shots)."""
     if p.bundle.clip is None or p.extension is not None:
         return
-    openset.fit_on_shots(p.bundle, shot_pixels(p), p.labels, p.tokens.num_classes).save(cfg.out)
+    pixels = shot_pixels(p)  # (N, 3, H, W)
+    openset.fit_on_shots(p.bundle, pixels, p.labels[: len(pixels)], p.tokens.num_classes).save(
+        cfg.out
+    )
 
 
 def shot_pixels(p: Prepared) -> torch.Tensor:
@@ -225,6 +291,25 @@ def shot_pixels(p: Prepared) -> torch.Tensor:
     where = {path: i for i, path in enumerate(p.data.paths)}
     idx = [where[path] for path in p.shot_paths]
     return load_images(p.data, idx, p.bundle.resolution, quiet=True)[0]
+
+
+def _old_class_features(p: Prepared) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """CLIP features (N, P) and merged classes (N,) of OLD's training images, where readable (for
+    an OLD without fused state)."""
+    images = old_class_images(p.extension.plan, p.bundle.resolution, required=False)
+    if not images:
+        return None
+    feats = torch.cat([_clip_features(p.bundle, x) for x in images.values()])
+    return feats, torch.cat([torch.full((len(x),), k) for k, x in images.items()])
+
+
+@torch.no_grad()
+def _clip_features(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, P) L2-normalised CLIP image features, CPU fp32."""
+    parts = [
+        bundle.clip_image_features(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)
+    ]
+    return torch.cat(parts).float().cpu()
 
 
 def run_steps(

@@ -14,27 +14,9 @@ from mcti.core.store import load_tokens
 from mcti.settings import TrainArgs
 from mcti.train.loop import prepare, run_fingerprint
 from tests.conftest import make_image_folder
+from tests.mcti.train.conftest import SMALL
 from tests.mcti.train.test_resume_interop import ARGS, train_argv
 from tests.mcti.train.test_train_cli import one_error_line
-
-SMALL = ["--steps", "3", *ARGS[2:]]  # 3 steps, checkpoint every 2
-
-
-def split_folder(root, n_old: int, n_new: int):
-    """root/all with n_old + n_new classes, and root/old, root/new holding the first n_old and
-    the last n_new of them."""
-    full = make_image_folder(root / "all", n_classes=n_old + n_new, per_class=3)
-    for k, cls in enumerate(sorted(p.name for p in full.iterdir())):
-        shutil.copytree(full / cls, root / ("old" if k < n_old else "new") / cls)
-    return root / "old", root / "new"
-
-
-@pytest.fixture(scope="module")
-def old_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("extend")
-    old, new = split_folder(root, 3, 2)
-    assert main(train_argv(old, root / "old-tok", *SMALL)) == 0
-    return old, new, root / "old-tok"
 
 
 def embeds(tok) -> dict[str, torch.Tensor]:
@@ -79,7 +61,7 @@ def test_extend_learns_new_labels_and_keeps_old_tokens_bit_identical(old_set, tm
 
 def test_old_classes_are_candidates_and_get_no_gradient(old_set, tmp_path):
     """The discriminative term sees all K classes; the optimizer sees only the new ones."""
-    from mcti.train.loop import batch_loss, full_table, global_batch
+    from mcti.train.loop import batch_loss, batch_of_shots, full_table
 
     _, new_data, old_tok = old_set
     cfg = TrainArgs(
@@ -88,8 +70,11 @@ def test_old_classes_are_candidates_and_get_no_gradient(old_set, tmp_path):
     )  # fmt: skip
     p = prepare(cfg, quiet=True)
     assert p.table.num_classes == 2 and p.tokens.num_classes == 5
-    assert sorted(set(p.labels.tolist())) == [3, 4]  # shots of the new classes, merged indices
-    batch = global_batch(p, 4, torch.Generator().manual_seed(0))
+    n_new = len(p.shot_paths)
+    assert sorted(set(p.labels[:n_new].tolist())) == [3, 4]  # shots of --data, merged indices
+    assert sorted(set(p.labels[n_new:].tolist())) == [0, 1, 2]  # then OLD's shots
+    idx = torch.tensor([0, 1, n_new, n_new + 1])  # two new-class items, two old-class items
+    batch = batch_of_shots(p, idx, torch.Generator().manual_seed(0))
     assert batch["negatives"].shape == (4, 4)  # negatives drawn among all 5 classes
     assert (batch["negatives"] < 3).any()  # ... old ones included
     loss, _ = batch_loss(p, batch)
