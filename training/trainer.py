@@ -123,7 +123,9 @@ def fingerprint(args: DistTrainArgs, p: Prepared, resolved: Resolved) -> dict:
     """What must match for a checkpoint to continue this run (not: world size, ZeRO stage,
     micro-batch, accumulation, which do not change the math)."""
     base = TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs)})
-    fp = run_fingerprint(replace(base, nproc=1), p)
+    # hard negatives are in "trainer" below (where checkpoints before the flag moved to
+    # TrainArgs have them): left out of "config", so those checkpoints still resume
+    fp = run_fingerprint(replace(base, nproc=1, hard_negatives=False), p)
     fp["trainer"] = json.dumps(
         {
             "sampler": "permutation",

@@ -154,7 +154,9 @@ def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
         k: v
         for k, v in asdict(cfg).items()
         if k not in ("steps", "save_every", "resume", "quiet", "out", "device")
-        and not (k in ("extend", "replace") and not v)  # off: the fingerprint of older runs
+        and not (
+            k in ("extend", "replace", "hard_negatives") and not v
+        )  # off: the fingerprint of older runs
     }
     fp = {
         "config": json.dumps(keep, sort_keys=True),
