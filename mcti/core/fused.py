@@ -92,16 +92,20 @@ def cache_logp(
     beta: float,
     leave_out: bool = False,
 ) -> torch.Tensor:
-    """(B, K) log-softmax over classes of logmeanexp of beta (cos - 1) over each class's shots."""
+    """(B, K) log-softmax over classes of logmeanexp of beta (cos - 1) over each class's shots.
+    The per-class reductions scatter the (B, N) affinities into (B, K): never a (B, N, K)
+    tensor, which at K = 1000 and 5 shots (B = N = 5000 leaving one out) is 100 GB."""
     aff = beta * (f.float() @ feats.float().T - 1)  # (B, N)
-    member = torch.nn.functional.one_hot(labels, K).bool()  # (N, K)
     if leave_out:
         aff = aff.masked_fill(torch.eye(len(f), dtype=torch.bool), -torch.inf)
-    a = aff.unsqueeze(2).masked_fill(~member.unsqueeze(0), -torch.inf)  # (B, N, K)
-    count = member.sum(0).float().unsqueeze(0)  # (1, K)
+    index = labels.view(1, -1).expand_as(aff)  # (B, N) class of each shot
+    top = torch.full((len(aff), K), -torch.inf).scatter_reduce(1, index, aff, "amax")  # (B, K)
+    top = torch.where(top.isfinite(), top, torch.zeros_like(top))  # empty class: no shift
+    total = torch.zeros_like(top).scatter_add(1, index, (aff - top.gather(1, index)).exp())
+    count = torch.bincount(labels, minlength=K).float().unsqueeze(0)  # (1, K)
     if leave_out:  # each shot's own class has one fewer member
-        count = count - member.float()  # (N, K)
-    lme = a.logsumexp(1) - count.clamp(min=1).log()  # (B, K)
+        count = count - torch.nn.functional.one_hot(labels, K).float()  # (N, K)
+    lme = total.log() + top - count.clamp(min=1).log()  # (B, K)
     lme = lme.masked_fill(count == 0, -1e4)  # a class with no other shot: far from everything
     return lme.log_softmax(1)
 
