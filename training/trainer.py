@@ -39,6 +39,7 @@ from mcti.train.loop import (
     full_table,
     prepare,
     run_fingerprint,
+    save_fused_state,
 )
 from mcti.train.outdir import lock_out_dir
 from mcti.train.runlog import RunLog
@@ -265,6 +266,14 @@ def export_tokens(r: Rank, step: int) -> None:
         export(r.args, replace(r.p, table=table), step, {"trainer": r.info})
 
 
+def write_fused_state(r: Rank) -> None:
+    """The fused scorer's state of the final tokens, fitted on the shots as single-process
+    `mcti train` fits it (rank 0 writes; a collective under ZeRO with bf16/fp16)."""
+    table = master_table(r.p)
+    if r.rank == 0:
+        save_fused_state(r.args, replace(r.p, table=table))
+
+
 def save(r: Rank, step: int) -> None:
     """Checkpoint (every rank) and token export (rank 0), then switch `latest`."""
     table = master_table(r.p)  # collective under ZeRO with bf16/fp16
@@ -346,6 +355,7 @@ def train_loop(
         writer.close()
     if not ran:  # resumed a run that had already finished: export its tokens again
         export_tokens(r, step)
+    write_fused_state(r)
     if rank == 0 and not args.quiet:
         K = r.p.tokens.num_classes
         print(f"wrote {K} class tokens to {out}/learned_embeds.safetensors and {out}/classes.json")
