@@ -93,3 +93,27 @@ def test_the_flag_leaves_the_fingerprint_of_older_checkpoints_alone():
     p = SimpleNamespace(bundle=SimpleNamespace(fingerprint="m"), shot_paths=[], extension=None)
     config = json.loads(run_fingerprint(TrainArgs(data="d", out="o"), p)["config"])
     assert "hard_negatives" not in config and "nproc" in config
+
+
+def test_the_clip_term_encodes_one_prompt_per_image_whatever_the_negatives(tiny_bundle, tmp_path):
+    """More negatives are how the clip term keeps up with K; they are images, so the text
+    encoder must not encode a prompt per negative (it did: 1 + M prompts per image)."""
+    from mcti.train.loop import batch_loss, global_batch, prepare
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", n_classes=6, per_class=2)
+    cfg = TrainArgs(data=str(data), out=str(tmp_path / "o"), model="tiny-random", device="cpu",
+                    reg="clip", negatives=5, shots=2, batch_size=4)  # fmt: skip
+    p = prepare(cfg, bundle=tiny_bundle, quiet=True)
+    encoded: list[int] = []  # prompts per text-encoder call
+
+    def count(module, args, kwargs, out):
+        encoded.append(len(kwargs["input_ids"]))
+
+    hook = p.bundle.text_encoder.register_forward_hook(count, with_kwargs=True)
+    try:
+        loss, metrics = batch_loss(p, global_batch(p, 4, torch.Generator().manual_seed(0)))
+    finally:
+        hook.remove()
+    loss.backward()
+    assert encoded == [4] and 0 < metrics["ce"] and p.table.vectors.grad.abs().sum() > 0
