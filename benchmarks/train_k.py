@@ -289,7 +289,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
             ),
         }
         probe_s = time.perf_counter() - t0
-        curve = []
+        steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        batch = last["settings"]["batch_size"]
+        curve, prev = [], 0
         for snap in snaps:
             tokens, table, _, meta = load_tokens(snap, bundle)
             with torch.no_grad():
@@ -299,12 +301,20 @@ def cmd_eval(a: argparse.Namespace) -> None:
                 cos = test_f @ text.T  # (M, K)
                 fused = fit_for_tokens(bundle, tokens, table, shot_px, shot_y)
                 fused_pred = fused.logits(test_f, cos).argmax(1)
+                cache_pred = fused.cache_logp(test_f).argmax(1)  # the fused scorer without tokens
+            window = [x for x in steps if prev < x["step"] <= meta["steps"]]  # since the last one
+            prev = meta["steps"]
             curve.append(
                 {
                     "step": meta["steps"],
+                    "visits_per_class": round(meta["steps"] * batch / len(labels), 1),
                     "clip": acc(cos.argmax(1), y),
                     "fused": acc(fused_pred, y),
+                    "cache_only": acc(cache_pred, y),
                     "fused_w_tokens": round(fused.params.w_tokens, 3),
+                    "clip_on_shots": round(fused.params.evidence["tokens_shot_acc"], 4),
+                    "train_ce": round(sum(x["ce"] for x in window) / len(window), 4),
+                    "train_disc_acc": round(sum(x["disc_acc"] for x in window) / len(window), 4),
                 }
             )
             print(run.name, curve[-1], flush=True)

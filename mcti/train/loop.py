@@ -79,11 +79,11 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
         ).cpu()
     image_embeds = class_embeds = counts = None
     if settings.method == "mcti" and settings.reg == "clip":
-        image_embeds = bundle.clip_image_features(pixels).cpu()
+        image_embeds = _clip_features_chunked(bundle, pixels).cpu()  # (N, P)
         per_class = {k: image_embeds[labels == k] for k in labels.unique().tolist()}
         if plan:  # the frozen classes are negatives too: embed their training images
             old = old_class_images(plan, bundle.resolution)
-            per_class.update({k: bundle.clip_image_features(x).cpu() for k, x in old.items()})
+            per_class.update({k: _clip_features_chunked(bundle, x).cpu() for k, x in old.items()})
         K = len(classes)
         counts = torch.tensor([len(per_class[k]) for k in range(K)])
         class_embeds = torch.zeros(K, int(counts.max()), image_embeds.shape[1])  # (K, S, P)
@@ -104,6 +104,18 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
         table,
         objective,
         extension,
+    )
+
+
+IMAGE_CHUNK = 256  # images per CLIP vision pass: all 5000 shots of K = 1000 at once took 740 MB
+
+
+def _clip_features_chunked(bundle: ModelBundle, pixels: torch.Tensor) -> torch.Tensor:
+    return torch.cat(
+        [
+            bundle.clip_image_features(pixels[i : i + IMAGE_CHUNK])
+            for i in range(0, len(pixels), IMAGE_CHUNK)
+        ]
     )
 
 
