@@ -104,12 +104,19 @@ def snapshot(out: Path, seen: set[int]) -> None:
 
 
 def launch(
-    cmd: list[str], out: Path, seen: set[int], peaks: dict, kill_at: int = 0, kill_one: bool = False
+    cmd: list[str],
+    out: Path,
+    seen: set[int],
+    peaks: dict,
+    kill_at: int = 0,
+    kill_one: bool = False,
+    start_step: int | None = None,
 ) -> dict:
-    """Run the job, snapshot its exports, track each rank's peak RSS; SIGKILL at kill_at."""
+    """Run the job, snapshot its exports, track each rank's peak RSS; SIGKILL at kill_at.
+    `first_step_s`: launch to the first step after `start_step` (default: the last logged)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     t0, first_step_s, killed = time.perf_counter(), None, False
-    start_step = last_step(out)
+    start_step = last_step(out) if start_step is None else start_step
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     while proc.poll() is None:
         pids = rank_pids(proc.pid)
@@ -182,7 +189,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         latest = (out / "checkpoint" / "latest").read_text().strip()
         ckpt = out / "checkpoint" / latest
         runs[0]["checkpoint"] = {"tag": latest, "mb": round(dir_mb(ckpt), 2)}
-        runs.append(launch(cmd + ["--resume"], out, seen, peaks))
+        # the resumed run redoes the steps after its checkpoint: it starts at the checkpoint
+        runs.append(launch(cmd + ["--resume"], out, seen, peaks, start_step=int(latest[5:])))
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
