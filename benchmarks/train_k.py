@@ -115,7 +115,7 @@ def launch(
     """Run the job, snapshot its exports, track each rank's peak RSS; SIGKILL at kill_at.
     `first_step_s`: launch to the first step after `start_step` (default: the last logged)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    t0, first_step_s, killed = time.perf_counter(), None, False
+    t0, t_wall, first_step_s, killed = time.perf_counter(), time.time(), None, False
     start_step = last_step(out) if start_step is None else start_step
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     while proc.poll() is None:
@@ -125,7 +125,10 @@ def launch(
             if mb is not None:
                 peaks[f"rank{i}"] = max(peaks.get(f"rank{i}", 0.0), mb)
         step = last_step(out)
-        if first_step_s is None and step > start_step:
+        fresh = (out / "metrics.jsonl").is_file() and (
+            out / "metrics.jsonl"
+        ).stat().st_mtime > t_wall
+        if first_step_s is None and fresh and step > start_step:  # not the killed run's lines
             first_step_s = time.perf_counter() - t0
         snapshot(out, seen)
         if kill_at and not killed and step >= kill_at and pids:
@@ -148,39 +151,12 @@ def dir_mb(path: Path) -> float:
 
 def cmd_train(a: argparse.Namespace) -> None:
     out = Path(a.out)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mcti",
-        "train",
-        "--nproc",
-        str(a.nproc),
-        "--data",
-        a.data,
-        "--out",
-        str(out),
-        "--method",
-        "mcti",
-        "--reg",
-        "clip",
-        "--flip",
-        "0",
-        "--quiet",
-        "--steps",
-        str(a.steps),
-        "--save-every",
-        str(a.save_every),
-        "--batch-size",
-        str(a.batch_size),
-        "--lr",
-        str(a.lr),
-        "--negatives",
-        str(a.negatives),
-        "--gamma",
-        str(a.gamma),
-        "--seed",
-        str(a.seed),
-    ] + (["--hard-negatives"] if a.hard_negatives else [])
+    settings = {"--nproc": a.nproc, "--data": a.data, "--out": out, "--steps": a.steps,
+                "--save-every": a.save_every, "--batch-size": a.batch_size, "--lr": a.lr,
+                "--negatives": a.negatives, "--gamma": a.gamma, "--seed": a.seed}  # fmt: skip
+    cmd = [sys.executable, "-m", "mcti", "train", "--method", "mcti", "--reg", "clip"]
+    cmd += ["--flip", "0", "--quiet"] + [str(x) for kv in settings.items() for x in kv]
+    cmd += ["--hard-negatives"] if a.hard_negatives else []
     seen: set[int] = set()
     peaks: dict[str, float] = {}
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
