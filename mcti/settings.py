@@ -329,6 +329,8 @@ class TrainArgs(ObjectiveSettings, OptimSettings, ModelArgs):
     """No progress bar."""
     nproc: AtLeast1 = 1
     """Data-parallel processes on this machine (>1 runs the DeepSpeed trainer via torchrun)."""
+    hard_negatives: bool = False
+    """Draw the --negatives of each image by similarity to its class's current token (weights exp((cos - 1) / --hard-temperature) of the centred token vectors) instead of uniformly. DeepSpeed trainer only: with --nproc > 1 (or python -m training)."""
     extend: str | None = None
     """Extend this token directory: learn tokens only for the labels of --data it lacks (the old tokens stay frozen, bit for bit, and serve as negatives) and write the merged set to --out. Same base model as the old set (its model is the default)."""
     replace: bool = False

@@ -29,8 +29,6 @@ class DistTrainArgs(TrainArgs):
     """DeepSpeed JSON config: a file or a shipped name (zero0_fp32, zero1_fp32, zero2_fp32, zero0_fp32_accum4, zero1_bf16, zero2_fp16, zero2_bf16_accum4); default zero0_fp32. Its "auto" batch keys are filled from --batch-size, the world size and --grad-accum."""
     grad_accum: int = 0
     """Micro-batches per rank per optimizer step (gradient accumulation); 0: the config's gradient_accumulation_steps, else 1. Micro-batch per rank = --batch-size / (world size x grad-accum)."""
-    hard_negatives: bool = False
-    """Draw the --negatives of each image by similarity to its class's current token (weights exp((cos - 1) / --hard-temperature) of the centred token vectors) instead of uniformly."""
     hard_refresh: int = 10
     """--hard-negatives: recompute the token similarities every N steps."""
     hard_temperature: float = 0.1

@@ -124,7 +124,9 @@ def fingerprint(args: DistTrainArgs, p: Prepared, resolved: Resolved) -> dict:
     """What must match for a checkpoint to continue this run (not: world size, ZeRO stage,
     micro-batch, accumulation, which do not change the math)."""
     base = TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs)})
-    fp = run_fingerprint(replace(base, nproc=1), p)
+    # hard negatives are in "trainer" below (where checkpoints before the flag moved to
+    # TrainArgs have them): left out of "config", so those checkpoints still resume
+    fp = run_fingerprint(replace(base, nproc=1, hard_negatives=False), p)
     fp["trainer"] = json.dumps(
         {
             "sampler": "permutation",
@@ -264,6 +266,14 @@ def export_tokens(r: Rank, step: int) -> None:
         export(r.args, replace(r.p, table=table), step, {"trainer": r.info})
 
 
+def write_fused_state(r: Rank) -> None:
+    """The fused scorer's state of the final tokens, fitted on the shots as single-process
+    `mcti train` fits it (rank 0 writes; a collective under ZeRO with bf16/fp16)."""
+    table = master_table(r.p)
+    if r.rank == 0:
+        save_fused_state(r.args, replace(r.p, table=table))
+
+
 def save(r: Rank, step: int) -> None:
     """Checkpoint (every rank) and token export (rank 0), then switch `latest`."""
     table = master_table(r.p)  # collective under ZeRO with bf16/fp16
@@ -345,9 +355,7 @@ def train_loop(
         writer.close()
     if not ran:  # resumed a run that had already finished: export its tokens again
         export_tokens(r, step)
-    table = master_table(r.p)  # collective under ZeRO with bf16/fp16
-    if rank == 0:  # the fused scorer's state, as `mcti train` writes it
-        save_fused_state(r.args, replace(r.p, table=table.to(device)))
+    write_fused_state(r)
     if rank == 0 and not args.quiet:
         K = r.p.tokens.num_classes
         print(f"wrote {K} class tokens to {out}/learned_embeds.safetensors and {out}/classes.json")

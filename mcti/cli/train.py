@@ -1,5 +1,6 @@
 """`mcti train`: learn one token per class (single process, or DeepSpeed with --nproc > 1)."""
 
+from mcti.errors import UserError
 from mcti.settings import TrainArgs
 
 
@@ -9,6 +10,11 @@ def run(a: TrainArgs) -> None:
 
         launch_local(a)
         return
+    if a.hard_negatives:  # the single-process loop samples negatives uniformly
+        raise UserError(
+            "--hard-negatives needs the DeepSpeed trainer: add --nproc 2 (or more), or run "
+            "`python -m training` under torchrun"
+        )
     from mcti.train.loop import train
 
     p = train(a)

@@ -115,14 +115,19 @@ class Objective:
         if "negatives" in draws:
             cands = torch.cat([cands, draws["negatives"].to(dev)], dim=1)
         C = cands.shape[1]
+        # the clip term reads the true class's prompt alone (its negatives are images): encode
+        # only that one, else the text encoder's work grows with --negatives for nothing
+        E = 1 if s.method == "mcti" and s.reg == "clip" else C  # prompts encoded per image
         templates = [TEMPLATES[i] for i in draws["template"].tolist()]
-        prompts = [self.tokens.prompt(k, templates[b]) for b in range(B) for k in cands[b].tolist()]
-        hidden, pooled = self.tokens.encode(table, prompts)  # (B*C, L, d), (B*C, d)
+        prompts = [
+            self.tokens.prompt(k, templates[b]) for b in range(B) for k in cands[b, :E].tolist()
+        ]
+        hidden, pooled = self.tokens.encode(table, prompts)  # (B*E, L, d), (B*E, d)
 
         # TI term: each image under its own class, uniform t.
         x_t, target = noised(self.bundle, x0, draws["t"].to(dev), draws["eps"].to(dev))
         rows = torch.arange(B, device=dev)
-        ti = row_errors(self.bundle, x_t, draws["t"].to(dev), target, rows, hidden[rows * C]).mean()
+        ti = row_errors(self.bundle, x_t, draws["t"].to(dev), target, rows, hidden[rows * E]).mean()
         metrics = {"ti": ti.item()}
         loss = s.alpha * ti
         if s.method != "mcti":
@@ -132,7 +137,7 @@ class Objective:
         if s.reg == "denoise":
             logits = self._denoise_logits(x0, hidden, draws, B, C)
         else:
-            logits = self._clip_logits(pooled.view(B, C, -1)[:, 0], cands, draws, image_embeds)
+            logits = self._clip_logits(pooled.view(B, E, -1)[:, 0], cands, draws, image_embeds)
         target_idx = torch.zeros(B, dtype=torch.long, device=dev)
         ce = nn.functional.cross_entropy(logits, target_idx)
         loss = loss + s.gamma * ce

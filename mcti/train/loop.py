@@ -99,7 +99,8 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
         ).cpu()
     image_embeds = class_embeds = counts = None
     if settings.method == "mcti" and settings.reg == "clip":
-        image_embeds = bundle.clip_image_features(pixels).cpu()
+        # chunked: all 5000 shots of K = 1000 in one CLIP pass took 740 MB
+        image_embeds = _clip_features(bundle, pixels)  # (N, P)
         K = len(classes)
         counts = torch.bincount(labels, minlength=K)
         class_embeds = torch.zeros(K, int(counts.max()), image_embeds.shape[1])  # (K, S, P)
@@ -203,7 +204,9 @@ def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
         k: v
         for k, v in asdict(cfg).items()
         if k not in ("steps", "save_every", "resume", "quiet", "out", "device")
-        and not (k in ("extend", "replace") and not v)  # off: the fingerprint of older runs
+        and not (
+            k in ("extend", "replace", "hard_negatives") and not v
+        )  # off: the fingerprint of older runs
     }
     fp = {
         "config": json.dumps(keep, sort_keys=True),

@@ -171,3 +171,13 @@ def test_hard_negative_run_resumed_between_refreshes_matches_an_uninterrupted_on
     assert main(cli_flags(data_dir, parts, **hard, resume=True)) == 0  # 3 -> 6, refresh at 4
     assert json.loads((whole / "metrics.jsonl").read_text().splitlines()[-1])["hard_negatives"]
     torch.testing.assert_close(token_matrix(parts), token_matrix(whole), atol=1e-6, rtol=0)
+
+
+def test_two_ranks_write_the_fused_scorer_state(reference, data_dir, tiny_bundle):
+    """`mcti train --nproc 2` ends like single-process `mcti train`: the fused scorer's state of
+    the final tokens is in the token directory, fitted on the run's shots."""
+    from mcti.core.fused import load_fused
+
+    state = load_fused(reference, 3)  # refuses a missing or mismatched state
+    assert state.labels.tolist() == sorted(state.labels.tolist()) and len(state.labels) == 6
+    assert "fused_loo_acc" in state.params.evidence  # the tokens' scores took part in the fit

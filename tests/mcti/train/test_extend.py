@@ -140,11 +140,11 @@ def test_extend_with_reg_clip_needs_the_old_images(old_set, tmp_path, capsys):
 
 def test_fingerprint_of_a_run_without_extend_is_that_of_older_versions(tmp_path):
     """Old checkpoints resume: with --extend off, the run fingerprint's config holds exactly the
-    keys it held before `extend` and `replace` existed."""
+    keys it held before `extend`, `replace` and `hard_negatives` joined TrainArgs."""
     data = make_image_folder(tmp_path / "data", n_classes=2, per_class=2)
     cfg = TrainArgs(model="tiny-random", data=str(data), out=str(tmp_path / "o"), device="cpu")
     fp = run_fingerprint(cfg, prepare(cfg, quiet=True))
-    older = {f.name for f in fields(TrainArgs)} - {"extend", "replace"}
+    older = {f.name for f in fields(TrainArgs)} - {"extend", "replace", "hard_negatives"}
     older -= {"steps", "save_every", "resume", "quiet", "out", "device"}
     assert set(json.loads(fp["config"])) == older
     assert set(fp) == {"config", "base_model", "shots"}
