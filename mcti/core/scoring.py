@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mcti.core.diffusion import noised, row_errors
-from mcti.core.fused import FusedState
+from mcti.core.fused import FusedParams, FusedParts, FusedState
 from mcti.core.model import ModelBundle
 from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
 from mcti.errors import UserError
@@ -175,6 +175,22 @@ class DiffusionScorer:
         scorer._build(bundle, cond, schedule, batch_rows, seed, stop_level, t_weights)
         return scorer
 
+    @classmethod
+    def for_fused(
+        cls,
+        bundle: ModelBundle,
+        cond: torch.Tensor,
+        params: FusedParams,
+        batch_rows: int = 256,
+        seed: int = 0,
+    ) -> "DiffusionScorer":
+        """The fused scorer's diffusion part: one stage of `params.diffusion_timesteps` (t, eps)
+        pairs drawn from `params.diffusion_bands`, run on the candidates given to score_latents."""
+        bands = torch.tensor(params.diffusion_bands, dtype=torch.float64)
+        return cls.from_conditioning(
+            bundle, cond, params.diffusion_schedule(), batch_rows, seed, t_weights=bands
+        )
+
     check_every = 8  # timesteps per chunk between two significance checks
 
     def _build(
@@ -312,6 +328,11 @@ class ClipScorer:
         return Scores(sims, torch.zeros_like(sims, dtype=torch.long), 0)
 
 
+def _fused_diffuses(scorer: str, fused: FusedState | None) -> bool:
+    """Whether the fused scorer of this state runs its diffusion part (a fitted weight)."""
+    return scorer == "fused" and fused is not None and fused.params.w_diffusion > 0
+
+
 def _check_scorer(scorer: str, hybrid_m: int) -> None:
     if scorer not in ("diffusion", "clip", "hybrid", "fused"):
         raise UserError(f"--scorer must be diffusion, clip, hybrid or fused, not '{scorer}'")
@@ -341,7 +362,7 @@ class Classifier:
         prompts = [tokens.prompt(k, template) for k in range(tokens.num_classes)]
         with torch.no_grad():
             text = tokens.clip_text_features(table, prompts) if scorer != "diffusion" else None
-            diffused = scorer in ("diffusion", "hybrid")
+            diffused = scorer in ("diffusion", "hybrid") or _fused_diffuses(scorer, fused)
             cond = tokens.class_conditioning(table, template) if diffused else None
         self._build(
             bundle, scorer, cond, text, hybrid_m, n_samples, to_keep, batch_rows, seed,
@@ -367,13 +388,13 @@ class Classifier:
         (K, P) L2-normalised CLIP text embeddings for the clip, hybrid and fused scorers (e.g.
         the prompts of true class names, or conditioning another classifier already computed)."""
         _check_scorer(scorer, hybrid_m)
-        diffused = scorer in ("diffusion", "hybrid")
+        diffused = scorer in ("diffusion", "hybrid") or _fused_diffuses(scorer, fused)
         if (diffused and cond is None) or (scorer != "diffusion" and text_features is None):
             need = {
                 "diffusion": "cond",
                 "clip": "text_features",
                 "hybrid": "cond and text_features",
-                "fused": "text_features",
+                "fused": "text_features (and cond: its state has a diffusion part)",
             }
             raise ValueError(f"the {scorer} scorer needs {need[scorer]}")
         clf = cls.__new__(cls)
@@ -444,6 +465,10 @@ class Classifier:
                     f"the fused scorer needs the token set's fused state ({self.K} classes)"
                 )
             self.fused = fused
+            if _fused_diffuses(scorer, fused):
+                self.diffusion = DiffusionScorer.for_fused(
+                    bundle, cond, fused.params, batch_rows, seed
+                )
         elif scorer != "clip":
             # hybrid: diffusion ranks only the clip prefilter's top m, so keep at most m
             m = min(hybrid_m, self.K) if scorer == "hybrid" else self.K
@@ -457,15 +482,30 @@ class Classifier:
         if self.kind == "clip":
             return self.clip.score_pixels(pixels)
         if self.kind == "fused":
-            f = self.bundle.clip_image_features(pixels).float().cpu()  # (B, P)
-            logp = self.fused.logits(f, f @ self.clip.text.float().cpu().T).log_softmax(1)
-            return Scores(logp, torch.zeros_like(logp, dtype=torch.long), 0, logp.exp())
+            parts = self.fused_parts(pixels)
+            logp = self.fused.combine(parts).log_softmax(1)
+            return Scores(
+                logp, torch.zeros_like(logp, dtype=torch.long), parts.unet_rows, logp.exp()
+            )
         x0 = self.bundle.encode_images(pixels)
         if self.kind == "diffusion":
             return self.diffusion.score_latents(x0)
         pre = self.clip.score_pixels(pixels)
         cand = pre.scores.topk(min(self.hybrid_m, self.K), dim=1).indices
         return self.diffusion.score_latents(x0, candidates=cand)
+
+    @torch.no_grad()
+    def fused_parts(self, pixels: torch.Tensor) -> FusedParts:
+        """The fused scorer's per-image inputs (`FusedState.combine` fuses them): the cache, the
+        token cosines and, when the state has a diffusion part, the candidates' errors."""
+        f = self.bundle.clip_image_features(pixels).float().cpu()  # (B, P)
+        parts = FusedParts(self.fused.cache_logp(f), f @ self.clip.text.float().cpu().T)
+        if self.diffusion is not None:
+            x0 = self.bundle.encode_images(pixels)
+            cand = self.fused.candidates(parts.cache).to(x0.device)  # (B, m)
+            s = self.diffusion.score_latents(x0, candidates=cand)
+            parts.diffusion, parts.unet_rows = s.scores.float(), s.unet_rows
+        return parts
 
     @classmethod
     def for_scorers(
