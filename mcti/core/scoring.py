@@ -10,7 +10,8 @@ t bound, Bonferroni over the classes), so easy images stop early; and the grid c
 per-model timestep density (`grid_from_weights`, measured by `diffusion.separation_by_t`).
 `clip`: cosine of CLIP image and class-prompt text embeddings. `hybrid`: clip top-m, then
 diffusion among those. `fused`: the clip scorer's token cosines fused with a cache of the shots'
-image features, weighted and calibrated on the shots (mcti.core.fused); it also gives `probs`.
+image features and (token sets trained with --fit-folds) the tokens' denoising errors of the
+cache's top m classes, weighted and calibrated on the shots (mcti.core.fused); it gives `probs`.
 
 Over 400 lines: the three scorers and the one Classifier entry point read best side by side.
 """

@@ -30,6 +30,9 @@ from mcti.train.extend import Extension, JoinedTable, old_class_images, plan_ext
 from mcti.train.outdir import lock_out_dir, refuse_unless_resume
 from mcti.train.runlog import RunLog
 
+# the fused scorer's fit runs after the steps and changes no token: not in the run fingerprint
+FUSED_FIT = ("fit_folds", "fused_m", "fused_timesteps")
+
 
 def settings_of(cfg: TrainArgs) -> ObjectiveSettings:
     """The objective's settings of a run; the whole run is checked again here, since fields may
@@ -154,9 +157,7 @@ def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
     keep = {
         k: v
         for k, v in asdict(cfg).items()
-        if k
-        not in ("steps", "save_every", "resume", "quiet", "out", "device")
-        + ("fit_folds", "fused_m", "fused_timesteps")  # the fused fit: after the run's steps
+        if k not in ("steps", "save_every", "resume", "quiet", "out", "device", *FUSED_FIT)
         and not (k in ("extend", "replace") and not v)  # off: the fingerprint of older runs
     }
     fp = {
