@@ -20,6 +20,8 @@ Writes a JSON of everything and a markdown table (mean +- std over seeds; paired
 vs TI over seeds, and McNemar's test on the pooled per-image outcomes).
 
     python benchmarks/accuracy.py --seeds 0,1,2 --shots 5 --out runs/accuracy
+    python benchmarks/accuracy.py --seeds 0,1,2,3,4 --per-class 30 --methods "MC-TI clip" \
+        --scorers clip,fused --fit-folds 3 --gen-n 0 --out runs/fused-folds   # fused ablations
 """
 
 import argparse
