@@ -9,10 +9,13 @@ features of the same shots; zero-shot with the true names (seen only). Generatio
 of images drawn from each class token that an independent classifier (logistic regression on
 pixels, trained on other real held-out images) assigns to that class.
 Fused scorer (mcti.core.fused, needs the CLIP tower): each token set's fused scorer as `mcti eval
---scorer fused` runs it, and its ablations: the cache alone (once per seed: no tokens), the
-tokens alone (z-scored cosines) with a weight fitted on the shots, and the token weight's shrink at 0.25 and 1.0
-beside the shipped 0.5 (a sensitivity check, not a choice made on test images); with the ECE
-(15 bins) of each calibrated output.
+--scorer fused` runs it (its parts computed once by `Classifier.fused_parts`, fused by the
+state's `combine`, as `Classifier.score` does), and its ablations, each refitted on the shots'
+evidence alone: the cache alone (once per seed: no tokens), without the diffusion part, without
+the tokens (cache + diffusion, out-of-fold), the tokens alone and the diffusion part alone (on
+the cache's top m), and the fit before folds (in-sample token weight, shrink 0.5); with the ECE
+(15 bins) of each calibrated output, UNet rows/image and s/image. `--fit-folds K` trains the
+token sets with K fold token sets (the out-of-fold evidence and the diffusion part).
 Writes a JSON of everything and a markdown table (mean +- std over seeds; paired t-test of MC-TI
 vs TI over seeds, and McNemar's test on the pooled per-image outcomes).
 
@@ -22,6 +25,8 @@ seeds and sizes.
 
     python benchmarks/accuracy.py --seeds 0,1,2 --shots 5 --out runs/accuracy
     python benchmarks/accuracy.py --tasks openset --seeds 0,1,2,3,4 --shots 16 --per-class 40
+    python benchmarks/accuracy.py --seeds 0,1,2,3,4 --per-class 30 --methods "MC-TI clip" \
+        --scorers clip,fused --fit-folds 3 --gen-n 0 --out runs/fused-folds   # fused ablations
 """
 
 import argparse
@@ -34,7 +39,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mcti.core.fused import fit_for_tokens, fit_fused, fit_weights, zscore
+from mcti.core.fused import (
+    FusedParts,
+    diffusion_part,
+    fit_for_tokens,
+    fit_fused,
+    fit_weights,
+    zscore,
+)
 from mcti.core.generate import generate
 from mcti.core.model import load_model
 from mcti.core.store import load_tokens
@@ -127,28 +139,65 @@ def baselines(bundle, task_dir: Path, names: list[str], seen: bool, args, ece: d
     return out
 
 
-def fused_variants(bundle, tok_dir: Path, task_dir: Path, run: dict, name: str) -> None:
-    """Ablations of the fused scorer of one token set (accuracy and ECE into `run`)."""
-    xtr, ytr = load_folder_pixels(task_dir / "train", bundle.resolution)
+def fused_variants(bundle, tok_dir: Path, task_dir: Path, run: dict, name: str, args) -> None:
+    """The fused scorer of one token set and its ablations (accuracy, ECE, cost into `run`)."""
     xte, yte = load_folder_pixels(task_dir / "test", bundle.resolution)
-    tokens, table, labels, _ = load_tokens(tok_dir, bundle)
-    K = len(labels)
-    # folder order (k00, k01, ...) is the token set's label order: the same sorted keys
-    ftr, fte = bundle.clip_image_features(xtr).float(), bundle.clip_image_features(xte).float()
-    text = tokens.clip_text_features(table, [tokens.prompt(k) for k in range(K)]).float()
-    variants = {"tokens alone (fused without cache)": None}
-    for shrink in (0.25, 1.0):
-        variants[f"fused, token shrink {shrink}"] = fit_fused(ftr, ytr, K, ftr @ text.T, shrink)
+    ea = EvalArgs(
+        model=args.model, tokens=str(tok_dir), data=str(task_dir / "test"), scorer="fused",
+        batch_rows=args.batch_rows, device="cpu",
+    )  # fmt: skip
+    clf = load_classifier(ea, bundle).classifier
+    state = clf.fused
+    t0 = time.perf_counter()
+    chunks = [clf.fused_parts(xte[i : i + 16]) for i in range(0, len(xte), 16)]
+    seconds = time.perf_counter() - t0
+    parts = FusedParts(
+        torch.cat([c.cache for c in chunks]),
+        torch.cat([c.token_cos for c in chunks]),
+        torch.cat([c.diffusion for c in chunks]) if chunks[0].diffusion is not None else None,
+        sum(c.unet_rows for c in chunks),
+    )
+    # the shots and their evidence, as the token set's fused state stored them
+    ftr, ytr, K, P = state.features, state.labels, state.num_classes, state.params
+    text = clf.clip.text.float().cpu()
+    F, tc, df = P.folds, state.oof.get("token_cos"), state.oof.get("diffusion")
+    variants = {"(fused)": state}
+    variants["fused before folds (in-sample token weight, shrink 0.5)"] = fit_fused(
+        ftr, ytr, K, ftr @ text.T, 0.5
+    )
+    if F:
+        variants["fused without diffusion"] = fit_fused(ftr, ytr, K, tc, folds=F)
+        if df is not None:
+            variants["fused without tokens (cache + diffusion)"] = fit_fused(
+                ftr, ytr, K, None, diffusion=df, folds=F
+            )
+    cost = {"rows_per_image": parts.unet_rows / len(xte), "s_per_image": seconds / len(xte)}
     for key, st in variants.items():
-        if st is None:  # tokens alone: the token log-softmax with its scale fitted on the shots
-            (w,) = fit_weights([zscore(ftr @ text.T)], ytr)
-            logits = w * zscore(fte @ text.T)
-        else:
-            logits = st.logits(fte, fte @ text.T)
-        probs = logits.softmax(1)
         k = f"{name} {key}"
+        if st.params.w_diffusion == 0 and parts.diffusion is not None:
+            logits = st.combine(FusedParts(parts.cache, parts.token_cos))
+        else:
+            logits = st.combine(parts)
+        probs = logits.softmax(1)
         run["correct"][k] = (probs.argmax(1) == yte).tolist()
         run["ece"][k] = expected_calibration_error(probs, yte)
+        run.setdefault("cost", {})[k] = cost if st.params.w_diffusion else {"rows_per_image": 0}
+    # single parts, each with its temperature fitted on the shots' (out-of-fold if any) scores
+    (w,) = fit_weights([zscore(tc if tc is not None else ftr @ text.T)], ytr)
+    singles = {"tokens alone (fused without cache)": w * zscore(parts.token_cos)}
+    if df is not None and parts.diffusion is not None:
+        form, scale = P.diffusion_form, P.diffusion_scale
+        (w,) = fit_weights([diffusion_part(df, form, scale)], ytr)
+        singles["diffusion part alone (on the cache's top m)"] = w * diffusion_part(
+            parts.diffusion, form, scale
+        )
+    for key, logits in singles.items():
+        probs = logits.softmax(1)
+        run["correct"][f"{name} {key}"] = (probs.argmax(1) == yte).tolist()
+        run["ece"][f"{name} {key}"] = expected_calibration_error(probs, yte)
+    run["fused_params"] = run.get("fused_params", {}) | {
+        name: {k: v for k, v in vars(P).items() if k != "diffusion_bands"}
+    }
 
 
 def generation_score(bundle, tok_dir: Path, ref_x: np.ndarray, ref_y: np.ndarray, n: int) -> float:
@@ -209,6 +258,9 @@ def main() -> None:
     p.add_argument("--to-keep", default="3,1")
     p.add_argument("--batch-rows", type=int, default=512)
     p.add_argument("--gen-n", type=int, default=8, help="generated images per class (0: skip)")
+    p.add_argument("--fit-folds", type=int, default=0, help="mcti train --fit-folds")
+    p.add_argument("--fused-m", type=int, default=3, help="mcti train --fused-m")
+    p.add_argument("--fused-timesteps", type=int, default=8, help="mcti train --fused-timesteps")
     p.add_argument("--out", default="runs/accuracy")
     p.add_argument(
         "--fill-generation",
@@ -234,11 +286,11 @@ def main() -> None:
         return
     results = {"args": vars(args), "runs": []}
     t_start = time.time()
-    for task in args.tasks.split(","):
-        if task == "openset":
-            openset_task(bundle, args, out)
-            continue
-        for seed in [int(s) for s in args.seeds.split(",")]:
+    tasks = args.tasks.split(",")
+    if "openset" in tasks:
+        openset_task(bundle, args, out)
+    for seed in [int(s) for s in args.seeds.split(",")]:  # seed-major: a stopped run is paired
+        for task in [t for t in tasks if t != "openset"]:
             d = out / f"{task}-seed{seed}"
             info = write_task(task, seed, args.shots, args.per_class, bundle.resolution, d)
             run = {
@@ -274,6 +326,9 @@ def main() -> None:
                             quiet=True,
                             device="cpu",
                             save_every=args.steps,
+                            fit_folds=args.fit_folds,
+                            fused_m=args.fused_m,
+                            fused_timesteps=args.fused_timesteps,
                             **METHODS[name],
                         ),
                         bundle=bundle,
@@ -283,7 +338,7 @@ def main() -> None:
                     scorers = [x for x in scorers if x == "diffusion"]
                 if "fused" in scorers and not (tok / "fused.json").is_file():
                     fill_fused(bundle, tok, d)  # token sets trained before the fused scorer
-                for scorer in scorers:
+                for scorer in [x for x in scorers if x != "fused"]:
                     ea = EvalArgs(
                         model=args.model,
                         tokens=str(tok),
@@ -304,7 +359,7 @@ def main() -> None:
                     if "ece" in r:
                         run["ece"][f"{name} ({scorer})"] = r["ece"]
                 if "fused" in scorers:
-                    fused_variants(bundle, tok, d, run, name)
+                    fused_variants(bundle, tok, d, run, name, args)
                 if args.gen_n:
                     run["generation"][name] = generation_score(
                         bundle, tok, info["ref_x"], info["ref_y"], args.gen_n
@@ -390,10 +445,23 @@ def report(results: dict) -> str:
             e = f"{np.mean(eces):.3f}" if all(x is not None for x in eces) else ""
             lines.append(f"| {key} | {np.mean(accs):.1%} ± {np.std(accs):.1%} | {e} | {g} |")
         fused_keys = [k for k in runs[0]["correct"] if k.endswith("(fused)") or "cache" in k]
+        refs = ("linear probe", "nearest class mean", "cache alone (fused without tokens)")
         for fk in fused_keys:
-            for ref in ("linear probe", "nearest class mean", "cache alone (fused without tokens)"):
+            mine = fk[: -len("(fused)")] if fk.endswith("(fused)") else None
+            ablations = [
+                mine + x
+                for x in (
+                    "fused without tokens (cache + diffusion)",
+                    "fused without diffusion",
+                    "fused before folds (in-sample token weight, shrink 0.5)",
+                    "tokens alone (fused without cache)",
+                    "diffusion part alone (on the cache's top m)",
+                )
+                if mine is not None
+            ]
+            for ref in refs + tuple(ablations):
                 rk = next((k for k in runs[0]["correct"] if k.startswith(ref)), None)
-                if rk is None or rk == fk:
+                if rk is None or rk == fk or not all(rk in r["correct"] for r in runs):
                     continue
                 ta = [float(np.mean(r["correct"][rk])) for r in runs]
                 tb = [float(np.mean(r["correct"][fk])) for r in runs]
@@ -403,6 +471,16 @@ def report(results: dict) -> str:
                 lines.append(
                     f"\n{fk} - {rk}: {np.mean(tb) - np.mean(ta):+.1%} (paired t p = {pt:.3f}; McNemar p = {mcnemar_p(pb, pa):.3f})"
                 )
+        K = runs[0]["classes"]
+        ref_rows = 50 * K + 500 * min(5, K)  # the Diffusion Classifier's 50,500 / 5,1
+        for key in runs[0].get("cost", {}):
+            rows = np.mean([r["cost"][key]["rows_per_image"] for r in runs])
+            sec = [r["cost"][key].get("s_per_image") for r in runs]
+            sec = f"{np.mean(sec):.3f} s/image (CPU, 1 thread), " if None not in sec else ""
+            lines.append(
+                f"\n{key}: {sec}{rows:.1f} UNet rows/image = {rows / ref_rows:.2%} of the "
+                f"reference schedule 50,500 / 5,1 ({ref_rows} rows/image at {K} classes)"
+            )
         for scorer in ("diffusion", "clip"):
             for mc in ("MC-TI denoise", "MC-TI clip"):
                 a, b = f"TI ({scorer})", f"{mc} ({scorer})"

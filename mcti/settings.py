@@ -335,6 +335,19 @@ class TrainArgs(ObjectiveSettings, OptimSettings, ModelArgs):
     """Extend this token directory: learn tokens only for the labels of --data it lacks (the old tokens stay frozen, bit for bit, and serve as negatives) and write the merged set to --out. Same base model as the old set (its model is the default)."""
     replace: bool = False
     """--extend: retrain the labels of --data that the old set already has (refused without it); the other old classes stay frozen."""
+    fit_folds: AtLeast0 = 0
+    """Fused scorer: also train this many token sets, each without one fold of the shots, and fit the fused scorer's weights on the held-out folds' scores (evidence the tokens did not train on; it adds the diffusion part). Costs this many extra trainings; 0: weights fitted on the tokens' own shots with a fixed token shrink, no diffusion part. Needs 2 <= N <= --shots."""
+    fused_m: AtLeast0 = 3
+    """--fit-folds: classes (the shot cache's top m) whose denoising errors the fused scorer's diffusion part measures per image (0: no diffusion part)."""
+    fused_timesteps: AtLeast1 = 8
+    """--fit-folds: (t, eps) pairs per candidate class of the diffusion part (UNet rows per image: --fused-m x this)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fit_folds == 1 or self.fit_folds > self.shots:
+            raise UserError(
+                f"--fit-folds must be 0 or between 2 and --shots ({self.shots}), not {self.fit_folds}"
+            )
 
 
 @dataclass

@@ -5,6 +5,8 @@ from mcti.settings import TrainArgs
 
 
 def run(a: TrainArgs) -> None:
+    if a.nproc > 1 and a.fit_folds:  # the DeepSpeed trainer writes no fused scorer state
+        raise UserError("--fit-folds trains in one process: drop --nproc")
     if a.nproc > 1:  # one-machine shortcut for the DeepSpeed data-parallel trainer
         from training.launch import launch_local
 

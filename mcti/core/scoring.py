@@ -12,7 +12,8 @@ With more than `prefilter_m` classes the diffusion scorer first keeps
 the clip top `prefilter_m` (as hybrid does), so its UNet rows per image stay flat in K.
 `clip`: cosine of CLIP image and class-prompt text embeddings. `hybrid`: clip top-m, then
 diffusion among those. `fused`: the clip scorer's token cosines fused with a cache of the shots'
-image features, weighted and calibrated on the shots (mcti.core.fused); it also gives `probs`.
+image features and (token sets trained with --fit-folds) the tokens' denoising errors of the
+cache's top m classes, weighted and calibrated on the shots (mcti.core.fused); it gives `probs`.
 
 Over 400 lines: the three scorers and the one Classifier entry point read best side by side.
 """
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mcti.core.diffusion import noised, row_errors
-from mcti.core.fused import FusedState
+from mcti.core.fused import FusedParams, FusedParts, FusedState
 from mcti.core.model import ModelBundle
 from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
 from mcti.errors import UserError
@@ -177,6 +178,22 @@ class DiffusionScorer:
         scorer._build(bundle, cond, schedule, batch_rows, seed, stop_level, t_weights)
         return scorer
 
+    @classmethod
+    def for_fused(
+        cls,
+        bundle: ModelBundle,
+        cond: torch.Tensor,
+        params: FusedParams,
+        batch_rows: int = 256,
+        seed: int = 0,
+    ) -> "DiffusionScorer":
+        """The fused scorer's diffusion part: one stage of `params.diffusion_timesteps` (t, eps)
+        pairs drawn from `params.diffusion_bands`, run on the candidates given to score_latents."""
+        bands = torch.tensor(params.diffusion_bands, dtype=torch.float64)
+        return cls.from_conditioning(
+            bundle, cond, params.diffusion_schedule(), batch_rows, seed, t_weights=bands
+        )
+
     check_every = 8  # timesteps per chunk between two significance checks
 
     def _build(
@@ -319,6 +336,11 @@ def _prefiltered(scorer: str, prefilter_m: int, num_classes: int) -> bool:
     return scorer == "diffusion" and 0 < prefilter_m < num_classes
 
 
+def _fused_diffuses(scorer: str, fused: FusedState | None) -> bool:
+    """Whether the fused scorer of this state runs its diffusion part (a fitted weight)."""
+    return scorer == "fused" and fused is not None and fused.params.w_diffusion > 0
+
+
 def _check_scorer(scorer: str, hybrid_m: int) -> None:
     if scorer not in ("diffusion", "clip", "hybrid", "fused"):
         raise UserError(f"--scorer must be diffusion, clip, hybrid or fused, not '{scorer}'")
@@ -358,7 +380,7 @@ class Classifier:
         with torch.no_grad():
             clipped = scorer != "diffusion" or prefiltered
             text = tokens.clip_text_features(table, prompts) if clipped else None
-            diffused = scorer in ("diffusion", "hybrid")
+            diffused = scorer in ("diffusion", "hybrid") or _fused_diffuses(scorer, fused)
             cond = tokens.class_conditioning(table, template) if diffused else None
         self._build(
             bundle, scorer, cond, text, hybrid_m, n_samples, to_keep, batch_rows, seed,
@@ -387,7 +409,7 @@ class Classifier:
         prefilter_m > 0: the diffusion scorer's clip prefilter, as in the constructor (it then
         needs `text_features` too when K > prefilter_m); off by default here."""
         _check_scorer(scorer, hybrid_m)
-        diffused = scorer in ("diffusion", "hybrid")
+        diffused = scorer in ("diffusion", "hybrid") or _fused_diffuses(scorer, fused)
         K = len(cond) if diffused and cond is not None else 0
         if _prefiltered(scorer, prefilter_m, K) and text_features is None:
             raise ValueError(
@@ -398,7 +420,7 @@ class Classifier:
                 "diffusion": "cond",
                 "clip": "text_features",
                 "hybrid": "cond and text_features",
-                "fused": "text_features",
+                "fused": "text_features (and cond: its state has a diffusion part)",
             }
             raise ValueError(f"the {scorer} scorer needs {need[scorer]}")
         clf = cls.__new__(cls)
@@ -476,6 +498,10 @@ class Classifier:
                     f"the fused scorer needs the token set's fused state ({self.K} classes)"
                 )
             self.fused = fused
+            if _fused_diffuses(scorer, fused):
+                self.diffusion = DiffusionScorer.for_fused(
+                    bundle, cond, fused.params, batch_rows, seed
+                )
         elif scorer != "clip":
             # diffusion ranks only the clip prefilter's top m (if any), so keep at most m
             schedule = parse_schedule(n_samples, to_keep, self.prefilter or self.K)
@@ -488,14 +514,29 @@ class Classifier:
         if self.kind == "clip":
             return self.clip.score_pixels(pixels)
         if self.kind == "fused":
-            f = self.bundle.clip_image_features(pixels).float().cpu()  # (B, P)
-            logp = self.fused.logits(f, f @ self.clip.text.float().cpu().T).log_softmax(1)
-            return Scores(logp, torch.zeros_like(logp, dtype=torch.long), 0, logp.exp())
+            parts = self.fused_parts(pixels)
+            logp = self.fused.combine(parts).log_softmax(1)
+            return Scores(
+                logp, torch.zeros_like(logp, dtype=torch.long), parts.unet_rows, logp.exp()
+            )
         x0 = self.bundle.encode_images(pixels)
         if not self.prefilter:
             return self.diffusion.score_latents(x0)
         cand = self.clip.score_pixels(pixels).scores.topk(self.prefilter, dim=1).indices  # (B, m)
         return self.diffusion.score_latents(x0, candidates=cand)
+
+    @torch.no_grad()
+    def fused_parts(self, pixels: torch.Tensor) -> FusedParts:
+        """The fused scorer's per-image inputs (`FusedState.combine` fuses them): the cache, the
+        token cosines and, when the state has a diffusion part, the candidates' errors."""
+        f = self.bundle.clip_image_features(pixels).float().cpu()  # (B, P)
+        parts = FusedParts(self.fused.cache_logp(f), f @ self.clip.text.float().cpu().T)
+        if self.diffusion is not None:
+            x0 = self.bundle.encode_images(pixels)
+            cand = self.fused.candidates(parts.cache).to(x0.device)  # (B, m)
+            s = self.diffusion.score_latents(x0, candidates=cand)
+            parts.diffusion, parts.unet_rows = s.scores.float(), s.unet_rows
+        return parts
 
     @classmethod
     def for_scorers(

@@ -9,7 +9,7 @@ reads it joined with the old set's frozen rows (`full_table`).
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from mcti.core import openset
 from mcti.core.fused import fit_for_tokens, fit_fused, save_fused
+from mcti.core.fused_folds import fit_with_folds, shot_folds
 from mcti.core.model import ModelBundle, load_model
 from mcti.core.objectives import Objective, ObjectiveSettings, sample_draws
 from mcti.core.store import read_meta, save_tokens, write_tokens
@@ -36,6 +37,9 @@ from mcti.train.extend import (
 )
 from mcti.train.outdir import lock_out_dir, refuse_unless_resume
 from mcti.train.runlog import RunLog
+
+# the fused scorer's fit runs after the steps and changes no token: not in the run fingerprint
+FUSED_FIT = ("fit_folds", "fused_m", "fused_timesteps")
 
 
 def settings_of(cfg: TrainArgs) -> ObjectiveSettings:
@@ -203,7 +207,7 @@ def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
     keep = {
         k: v
         for k, v in asdict(cfg).items()
-        if k not in ("steps", "save_every", "resume", "quiet", "out", "device")
+        if k not in ("steps", "save_every", "resume", "quiet", "out", "device", *FUSED_FIT)
         and not (
             k in ("extend", "replace", "hard_negatives") and not v
         )  # off: the fingerprint of older runs
@@ -264,6 +268,14 @@ def save_fused_state(cfg: TrainArgs, p: Prepared) -> None:
         return
     pixels = shot_pixels(p)  # (N, 3, H, W)
     labels = p.labels[: len(pixels)]
+    if p.extension is None and cfg.fit_folds:
+        folds, tables = fold_tables(cfg, p)
+        state = fit_with_folds(
+            p.bundle, p.tokens, tables, folds, pixels, labels,
+            diffusion_m=cfg.fused_m, diffusion_timesteps=cfg.fused_timesteps,
+        )  # fmt: skip
+        save_fused(cfg.out, state)
+        return
     if p.extension is None:
         save_fused(cfg.out, fit_for_tokens(p.bundle, p.tokens, p.table, pixels, labels))
         return
@@ -313,6 +325,40 @@ def _clip_features(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 64) -
         bundle.clip_image_features(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)
     ]
     return torch.cat(parts).float().cpu()
+
+
+def fold_tables(cfg: TrainArgs, p: Prepared) -> tuple[torch.Tensor, list[TokenTable]]:
+    """--fit-folds K: the shots' folds (N,) and K token tables, table j trained like the run's
+    own (same settings and steps; its own seed) on the shots outside fold j, for the fused
+    scorer's out-of-fold evidence. Not checkpointed: a resumed run trains them again."""
+    folds = shot_folds(p.labels, cfg.fit_folds)
+    K, tables = p.tokens.num_classes, []
+    for j in range(cfg.fit_folds):
+        keep = (folds != j).nonzero().squeeze(1)
+        labels, embeds = p.labels[keep], None
+        class_embeds = counts = None
+        if p.image_embeds is not None:  # clip reg: positives and negatives from kept shots only
+            embeds = p.image_embeds[keep]
+            counts = torch.bincount(labels, minlength=K)
+            class_embeds = torch.zeros(K, int(counts.max()), embeds.shape[1])  # (K, S, P)
+            for k in range(K):
+                class_embeds[k, : counts[k]] = embeds[labels == k]
+        table = TokenTable(K, cfg.n_vectors, p.tokens.init_vector(cfg.init_word))
+        table.to(p.bundle.device)
+        objective = Objective(p.bundle, p.tokens, p.objective.s, class_embeds, counts)
+        sub = replace(
+            p, labels=labels, latents=p.latents[:, keep], image_embeds=embeds, table=table,
+            objective=objective, shot_paths=[p.shot_paths[i] for i in keep.tolist()],
+        )  # fmt: skip
+        opt = torch.optim.AdamW([table.vectors], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed + 1 + j)
+        for _ in range(cfg.steps):
+            loss, _ = batch_loss(sub, global_batch(sub, cfg.batch_size, gen))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        tables.append(table)
+    return folds, tables
 
 
 def run_steps(

@@ -185,13 +185,14 @@ def test_train_settings_fields_are_unchanged():
     before the schema was split into groups, so old checkpoints still resume. `extend` and
     `replace` (issue 14) and `hard_negatives` (issue 13) joined later: the fingerprint leaves
     them out while they are off (tests/mcti/train/test_extend.py and
-    tests/training/test_many_classes.py check that)."""
+    tests/training/test_many_classes.py check that). `fit_folds`, `fused_m`, `fused_timesteps`
+    (issue 12) fit the fused scorer after the run's steps: the fingerprint leaves them out."""
     assert {f.name for f in fields(TrainArgs)} == {
         "model", "clip", "device", "precision", "attention", "data", "out", "method", "reg",
         "shots", "steps", "batch_size", "lr", "weight_decay", "seed", "n_vectors", "init_word",
         "negatives", "draws", "tau", "alpha", "gamma", "standardize", "disc_t_min",
         "disc_t_max", "prototype", "flip", "save_every", "resume", "quiet", "nproc",
-        "extend", "replace", "hard_negatives",
+        "extend", "replace", "hard_negatives", "fit_folds", "fused_m", "fused_timesteps",
     }  # fmt: skip
 
 

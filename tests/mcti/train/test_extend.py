@@ -145,6 +145,7 @@ def test_fingerprint_of_a_run_without_extend_is_that_of_older_versions(tmp_path)
     cfg = TrainArgs(model="tiny-random", data=str(data), out=str(tmp_path / "o"), device="cpu")
     fp = run_fingerprint(cfg, prepare(cfg, quiet=True))
     older = {f.name for f in fields(TrainArgs)} - {"extend", "replace", "hard_negatives"}
+    older -= {"fit_folds", "fused_m", "fused_timesteps"}  # fused fit (issue 12): never in it
     older -= {"steps", "save_every", "resume", "quiet", "out", "device"}
     assert set(json.loads(fp["config"])) == older
     assert set(fp) == {"config", "base_model", "shots"}
