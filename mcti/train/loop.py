@@ -132,6 +132,9 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
     )
 
 
+CLIP_CHUNK = 64  # images per CLIP vision pass: 5000 shots (K = 1000) at once took 740 MB
+
+
 def _encode_chunked(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 32) -> torch.Tensor:
     return torch.cat(
         [bundle.encode_images(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)]
@@ -319,7 +322,9 @@ def _old_class_features(p: Prepared) -> tuple[torch.Tensor, torch.Tensor] | None
 
 
 @torch.no_grad()
-def _clip_features(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def _clip_features(
+    bundle: ModelBundle, pixels: torch.Tensor, chunk: int = CLIP_CHUNK
+) -> torch.Tensor:
     """(N, 3, H, W) -> (N, P) L2-normalised CLIP image features, CPU fp32."""
     parts = [
         bundle.clip_image_features(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)

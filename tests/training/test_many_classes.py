@@ -122,10 +122,10 @@ def test_the_clip_term_encodes_one_prompt_per_image_whatever_the_negatives(tiny_
 def test_the_shots_clip_features_are_computed_in_chunks(tiny_bundle, tmp_path):
     """`prepare` embedded every shot in one CLIP vision pass: 740 MB per rank for the 5000 shots
     of K = 1000 (benchmarks/train_k.py), growing with K x shots. It must go in chunks."""
-    from mcti.train.loop import IMAGE_CHUNK, prepare
+    from mcti.train.loop import CLIP_CHUNK, prepare
     from tests.conftest import make_image_folder
 
-    n_classes = IMAGE_CHUNK // 2 + 1  # 2 shots each: one chunk and a bit
+    n_classes = CLIP_CHUNK // 2 + 1  # 2 shots each: one chunk and a bit
     data = make_image_folder(tmp_path / "data", n_classes=n_classes, per_class=2, size=8)
     cfg = TrainArgs(data=str(data), out=str(tmp_path / "o"), model="tiny-random", device="cpu",
                     reg="clip", shots=2, quiet=True)  # fmt: skip
@@ -139,5 +139,5 @@ def test_the_shots_clip_features_are_computed_in_chunks(tiny_bundle, tmp_path):
         p = prepare(cfg, bundle=tiny_bundle, quiet=True)
     finally:
         hook.remove()
-    assert sum(batches) == 2 * n_classes and max(batches) <= IMAGE_CHUNK
+    assert sum(batches) == 2 * n_classes and max(batches) <= CLIP_CHUNK
     assert p.image_embeds.shape[0] == 2 * n_classes
