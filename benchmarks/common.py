@@ -78,9 +78,8 @@ def table(columns: list[tuple[str, int, str]], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def process_memory(root_pid: int) -> dict:
-    """PSS (shared pages split fairly) and RSS of the processes under root_pid (e.g. the Ray
-    processes a driver started), by role: the command name, or the Ray actor's name."""
+def descendants(root_pid: int) -> list[int]:
+    """The pids of every process under root_pid (children, grandchildren, ...), from /proc."""
     children: dict[int, list[int]] = {}
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -89,11 +88,18 @@ def process_memory(root_pid: int) -> dict:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(p.name))
-    todo, procs = list(children.get(root_pid, [])), []
+    todo, found = list(children.get(root_pid, [])), []
     while todo:
         pid = todo.pop()
-        procs.append(pid)
+        found.append(pid)
         todo += children.get(pid, [])
+    return found
+
+
+def process_memory(root_pid: int) -> dict:
+    """PSS (shared pages split fairly) and RSS of the processes under root_pid (e.g. the Ray
+    processes a driver started), by role: the command name, or the Ray actor's name."""
+    procs = descendants(root_pid)
     roles: dict[str, dict] = {}
     for pid in procs:
         try:

@@ -36,22 +36,15 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: `benchmarks.common`
+
+from benchmarks.common import descendants  # noqa: E402
 
 
 def rank_pids(root: int) -> list[int]:
     """The `python -m training` processes (the ranks) under `root`, by rank order of start."""
-    children: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(p.name))
-    todo, ranks = list(children.get(root, [])), []
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
+    ranks = []
+    for pid in descendants(root):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
