@@ -6,7 +6,7 @@ nearest class mean and a linear probe on the same model's CLIP image features of
 Groups: `seen` (animal-mnist's first 6 classes and fashion-mnist's t-shirt, trouser: 8 classes)
 and `novel` (giraffe, horse, sheep, zebra, pullover: 5), the 8+5 split of
 benchmarks/extend_classes.py, each trained as its own K-class set; or `--synth DIR` (a `mcti
-synth` folder, K classes, shots and test images drawn from its class folders). Embedded model,
+synth` folder: its train/ shots and test/ images; seeds vary the training draws only). Embedded model,
 one thread; paired differences over seeds. `--time-texts` times one text encoder pass (forward
 and backward) over K prompts, the cost of the decision over all K texts.
 
@@ -17,7 +17,6 @@ and backward) over K prompts, the cost of the decision over all K texts.
 
 import argparse
 import json
-import random
 import shutil
 import time
 from dataclasses import replace
@@ -84,21 +83,6 @@ def baselines(bundle, train: Path, test: Path) -> dict[str, float]:
     return {"ncm": float((ncm == y_te).mean()), "probe": float((probe == y_te).mean())}
 
 
-def synth_folders(src: Path, out: Path, seed: int, shots: int, per_class: int) -> dict:
-    """train/ and test/ (symlinks) of a `mcti synth` folder: disjoint images per class."""
-    if (out / "test").is_dir():
-        return {"train": out / "train", "test": out / "test"}
-    rng = random.Random(seed)
-    for cls in sorted(d for d in src.iterdir() if d.is_dir()):
-        files = sorted(cls.iterdir())
-        rng.shuffle(files)
-        for part, chosen in (("train", files[:shots]), ("test", files[shots : shots + per_class])):
-            (out / part / cls.name).mkdir(parents=True, exist_ok=True)
-            for f in chosen:
-                (out / part / cls.name / f.name).symlink_to(f.resolve())
-    return {"train": out / "train", "test": out / "test"}
-
-
 def time_texts(bundle, ks: list[int]) -> None:
     """Seconds of one text encoder forward + backward over K class prompts (the decision's
     extra work per step with all K texts)."""
@@ -132,7 +116,7 @@ def main() -> None:
     for seed in [int(s) for s in a.seeds.split(",")]:
         root = out / f"seed{seed}"
         if a.synth:
-            groups = {"synth": synth_folders(Path(a.synth), root, seed, a.shots, a.per_class)}
+            groups = {"synth": {"train": Path(a.synth, "train"), "test": Path(a.synth, "test")}}
         else:
             f = folders(root, seed, a.shots, a.per_class, "8+5")
             groups = {g: {"train": f[part], "test": f["test"]} for g, part in
