@@ -214,7 +214,7 @@ def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
         "base_model": p.bundle.fingerprint,
         "shots": json.dumps(p.shot_paths),
     }
-    if p.decision is not None:  # checkpoints of the text->image term alone are refused
+    if cfg.method == "mcti" and cfg.reg == "clip":  # a text->image-only checkpoint: refused
         fp["clip_term"] = "scorer-decision/1"
     if p.extension is not None:
         fp["extended_set"] = p.extension.digest()
