@@ -182,7 +182,7 @@ def batch_loss(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:
             full_table(p), p.image_embeds[full["idx"]], full["labels"], full.get("negatives")
         )
         loss = loss + p.objective.s.gamma * term
-        metrics.update(ce_decision=term.item(), decision_acc=acc)
+        metrics.update(ce_decision=term.item(), decision_acc=acc, loss=loss.item())
     return loss, metrics
 
 
