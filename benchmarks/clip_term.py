@@ -6,8 +6,8 @@ nearest class mean and a linear probe on the same model's CLIP image features of
 Groups: `seen` (animal-mnist's first 6 classes and fashion-mnist's t-shirt, trouser: 8 classes)
 and `novel` (giraffe, horse, sheep, zebra, pullover: 5), the 8+5 split of
 benchmarks/extend_classes.py, each trained as its own K-class set; or `--synth DIR` (a `mcti
-synth` folder: its train/ shots and test/ images; seeds vary the training draws only). Embedded model,
-one thread; paired differences over seeds. `--time-texts` times one text encoder pass (forward
+synth` folder: its train/ shots and test/ images; seeds vary the training draws only).
+Embedded model, one thread; paired differences over seeds. `--time-texts` times one text encoder pass (forward
 and backward) over K prompts, the cost of the decision over all K texts.
 
     nice python benchmarks/clip_term.py --seeds 0,1,2 --out /tmp/clip2/bench

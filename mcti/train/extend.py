@@ -11,8 +11,9 @@ Classes are ordered OLD's labels first (a replaced label keeps its place), then 
 Batches are drawn from the shots of all K classes, OLD's training images included, as a run
 from scratch draws them, so each trained token gets the updates it would get there. An item of
 a frozen class reaches the trained tokens only as their negative under --reg denoise, and with
---reg clip through `ScorerDecision` (mcti/core/objectives.py, over all K texts); the objective skips the others (`Extension.teaches`), so a
-step costs about T/K of a scratch step plus that term. Why the term: with frozen tokens the new
+--reg clip through `ScorerDecision` (mcti/core/objectives.py: every image against the frozen
+classes' texts too); the objective skips the others (`Extension.teaches`), so a step costs
+about T/K of a scratch step plus that term. Why the term: with frozen tokens the new
 classes scored 6.7 points below scratch, and swapping halves between the two sets showed the
 frozen old tokens taking the new classes' images, not worse new tokens (benchmarks/RESULTS.md).
 """
