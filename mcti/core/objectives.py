@@ -235,12 +235,16 @@ class ScorerDecision:
             with torch.no_grad():
                 prompts = [self.tokens.prompt(k) for k in self.frozen.tolist()]
                 self.frozen_texts = self.tokens.clip_text_features(table, prompts).float()
-        fresh_k = classes[self.is_trained[classes]]
-        prompts = [self.tokens.prompt(k) for k in fresh_k.tolist()]
-        fresh = self.tokens.clip_text_features(table, prompts).float()  # (U_T, P)
-        out = torch.zeros(len(classes), fresh.shape[1], device=fresh.device)
-        out = out.index_copy(0, self.is_trained[classes].nonzero().flatten().to(out.device), fresh)
+        new = self.is_trained[classes].nonzero().flatten()  # rows of trainable classes
         old = (~self.is_trained[classes]).nonzero().flatten()
+        fresh = None  # (U_T, P); none when every candidate is frozen (an extension, K large)
+        if len(new):
+            prompts = [self.tokens.prompt(k) for k in classes[new].tolist()]
+            fresh = self.tokens.clip_text_features(table, prompts).float()
+        like = fresh if fresh is not None else self.frozen_texts
+        out = torch.zeros(len(classes), like.shape[1], device=like.device)
+        if fresh is not None:
+            out = out.index_copy(0, new.to(out.device), fresh)
         if len(old):  # row of each frozen class in frozen_texts
             at = torch.searchsorted(self.frozen, classes[old])
             out = out.index_copy(0, old.to(out.device), self.frozen_texts[at.to(out.device)])

@@ -242,3 +242,18 @@ def test_fingerprint_names_the_clip_term(tiny_bundle, tmp_path):
         check_same_run(old, fp, tmp_path)
     denoise = replace(cfg, reg="denoise")
     assert "clip_term" not in run_fingerprint(denoise, prepare(denoise, bundle, quiet=True))
+
+
+def test_decision_with_only_frozen_candidates_encodes_no_prompt(tiny_bundle):
+    """Extending at large K, an old-class image whose negatives are all old classes: the
+    frozen texts alone (no text encoder call with zero prompts), and no gradient."""
+    K = 4
+    tokens = TokenSet(tiny_bundle, K)
+    table = spread_table(tokens, K)
+    decision = ScorerDecision(tokens, torch.tensor([False, False, False, True]), all_texts_max=2)
+    images = torch.nn.functional.normalize(torch.randn(1, table_dim(tokens)), dim=-1)
+    decision.loss(table, images, torch.tensor([3]), torch.tensor([[0, 1]]))  # caches the frozen
+    ce, _ = decision.loss(table, images, torch.tensor([0]), torch.tensor([[1, 2]]))
+    text = decision.frozen_texts  # (3, P): classes 0, 1, 2
+    ref = torch.nn.functional.cross_entropy(10 * images @ text.T, torch.tensor([0]))
+    assert abs(ce.item() - ref.item()) < 1e-5 and not ce.requires_grad
