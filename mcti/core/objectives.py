@@ -19,7 +19,19 @@ from mcti.core.model import ModelBundle
 from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
 from mcti.settings import ObjectiveSettings  # the schema's group: method, reg, tau, ...
 
-__all__ = ["Objective", "ObjectiveSettings", "sample_draws", "sample_negatives", "shard_draws"]
+__all__ = [
+    "ALL_TEXTS_MAX",
+    "Objective",
+    "ObjectiveSettings",
+    "ScorerDecision",
+    "sample_draws",
+    "sample_negatives",
+    "shard_draws",
+]
+
+# Up to this many classes, ScorerDecision scores every image against all K texts (one text
+# encoder pass over K prompts per step); above, against its class and its --negatives only.
+ALL_TEXTS_MAX = 256
 
 
 def sample_negatives(
@@ -184,3 +196,75 @@ class Objective:
         own = image_embeds.to(text.device).unsqueeze(1)  # (B, 1, P)
         img = torch.cat([own, neg_emb], dim=1)  # (B, C, P)
         return 10 * torch.einsum("bp,bcp->bc", text, img)
+
+
+class ScorerDecision:
+    """--reg clip's image->text part: the clip scorer's decision, trained. Each image must pick
+    its class's text (scorer's prompt, TEMPLATES[0]) among the candidate texts: all K while
+    K <= `all_texts_max`, else its class and its sampled (or hard) negatives, so a shard of a
+    global batch computes what one process would. Cross-entropy over 10 * cos, as the scorer's
+    logits. Gradient reaches the trainable classes' rows only: a frozen class's text (an
+    extension's old set, `trainable` False) is computed once, without gradient."""
+
+    def __init__(
+        self,
+        tokens: TokenSet,
+        trainable: torch.Tensor | None = None,
+        all_texts_max: int = ALL_TEXTS_MAX,
+    ):
+        K = tokens.num_classes
+        self.tokens, self.all_texts_max = tokens, all_texts_max
+        trainable = torch.ones(K, dtype=torch.bool) if trainable is None else trainable.cpu()
+        self.trained = trainable.nonzero().flatten()  # (T,) class indices
+        self.frozen = (~trainable).nonzero().flatten()  # (F,)
+        self.is_trained = trainable
+        self.frozen_texts: torch.Tensor | None = None  # (F, P) unit CLIP text features
+
+    def candidates(
+        self, labels: torch.Tensor, negatives: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) candidate classes of each image and (B,) the column of its own class."""
+        K, B = self.tokens.num_classes, len(labels)
+        if K <= self.all_texts_max or negatives is None:
+            return torch.arange(K).expand(B, K), labels
+        return torch.cat([labels.view(B, 1), negatives], 1), torch.zeros(B, dtype=torch.long)
+
+    def texts(self, table, classes: torch.Tensor) -> torch.Tensor:
+        """(U,) distinct classes -> (U, P) unit text features (trainable ones differentiable)."""
+        if self.frozen_texts is None and len(self.frozen):
+            with torch.no_grad():
+                prompts = [self.tokens.prompt(k) for k in self.frozen.tolist()]
+                self.frozen_texts = self.tokens.clip_text_features(table, prompts).float()
+        new = self.is_trained[classes].nonzero().flatten()  # rows of trainable classes
+        old = (~self.is_trained[classes]).nonzero().flatten()
+        fresh = None  # (U_T, P); none when every candidate is frozen (an extension, K large)
+        if len(new):
+            prompts = [self.tokens.prompt(k) for k in classes[new].tolist()]
+            fresh = self.tokens.clip_text_features(table, prompts).float()
+        like = fresh if fresh is not None else self.frozen_texts
+        out = torch.zeros(len(classes), like.shape[1], device=like.device)
+        if fresh is not None:
+            out = out.index_copy(0, new.to(out.device), fresh)
+        if len(old):  # row of each frozen class in frozen_texts
+            at = torch.searchsorted(self.frozen, classes[old])
+            out = out.index_copy(0, old.to(out.device), self.frozen_texts[at.to(out.device)])
+        return out
+
+    def loss(
+        self,
+        table,
+        image_embeds: torch.Tensor,
+        labels: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, float]:
+        """image_embeds (B, P) unit, labels (B,), negatives (B, M) -> mean CE, decision acc."""
+        cands, target = self.candidates(
+            labels.cpu(), None if negatives is None else negatives.cpu()
+        )
+        classes, where = torch.unique(cands, return_inverse=True)  # (U,), (B, C)
+        text = self.texts(table, classes)  # (U, P)
+        img = image_embeds.to(text.device).float()  # (B, P)
+        logits = 10 * (img @ text.T).gather(1, where.to(text.device))  # (B, C)
+        target = target.to(text.device)
+        ce = nn.functional.cross_entropy(logits, target)
+        return ce, (logits.argmax(1) == target).float().mean().item()

@@ -11,8 +11,9 @@ Classes are ordered OLD's labels first (a replaced label keeps its place), then 
 Batches are drawn from the shots of all K classes, OLD's training images included, as a run
 from scratch draws them, so each trained token gets the updates it would get there. An item of
 a frozen class reaches the trained tokens only as their negative under --reg denoise, and with
---reg clip through `ScorerDecision`; the objective skips the others (`Extension.teaches`), so a
-step costs about T/K of a scratch step plus that term. Why the term: with frozen tokens the new
+--reg clip through `ScorerDecision` (mcti/core/objectives.py: every image against the frozen
+classes' texts too); the objective skips the others (`Extension.teaches`), so a step costs
+about T/K of a scratch step plus that term. Why the term: with frozen tokens the new
 classes scored 6.7 points below scratch, and swapping halves between the two sets showed the
 frozen old tokens taking the new classes' images, not worse new tokens (benchmarks/RESULTS.md).
 """
@@ -28,7 +29,7 @@ import torch
 from mcti.core.fused import has_fused, load_fused
 from mcti.core.model import ModelBundle
 from mcti.core.store import StoredTokens, check_base_model, read_tokens
-from mcti.core.tokens import TokenSet, TokenTable
+from mcti.core.tokens import TokenTable
 from mcti.core.tokenset_ops import RUN_KEYS, edited_meta, history
 from mcti.data.coop import open_dataset
 from mcti.data.folders import UNREADABLE
@@ -157,41 +158,6 @@ class Extension:
         return StoredTokens(
             edited_meta(base, history(old.meta, old.labels) + [entry]), vectors, arrays
         )
-
-
-class ScorerDecision:
-    """--reg clip, extending: the clip scorer's decision, trained. Each batch image, the frozen
-    classes' images included, must pick its own class's text among every class's text under
-    the scorer's prompt. The clip term ranks images for a text, and a frozen token never saw
-    the new classes' images as negatives (from scratch it would have): measured, the frozen
-    tokens took the new classes' images; the new tokens were no worse than scratch's
-    (benchmarks/RESULTS.md). Here the new tokens learn to win their images from the frozen
-    texts, and (from the frozen classes' images) not to take theirs. Gradient reaches the
-    trained rows only; the frozen texts are computed once."""
-
-    def __init__(self, tokens: TokenSet, extension: "Extension"):
-        self.tokens = tokens
-        self.trained = extension.is_trained.nonzero().flatten()  # (T,) merged indices
-        self.frozen = (~extension.is_trained).nonzero().flatten()  # (F,)
-        self.frozen_texts: torch.Tensor | None = None  # (F, P) unit CLIP text features
-
-    def texts(self, table: JoinedTable) -> torch.Tensor:
-        """(K, P) unit text features of every class (the trained ones differentiable)."""
-        prompts = [self.tokens.prompt(k) for k in self.trained.tolist()]
-        fresh = self.tokens.clip_text_features(table, prompts).float()  # (T, P)
-        if self.frozen_texts is None:
-            with torch.no_grad():
-                prompts = [self.tokens.prompt(k) for k in self.frozen.tolist()]
-                self.frozen_texts = self.tokens.clip_text_features(table, prompts).float()
-        out = torch.zeros(self.tokens.num_classes, fresh.shape[1], device=fresh.device)
-        out = out.index_copy(0, self.frozen.to(out.device), self.frozen_texts)
-        return out.index_copy(0, self.trained.to(out.device), fresh)
-
-    def loss(self, table: JoinedTable, image_embeds: torch.Tensor, labels: torch.Tensor):
-        """image_embeds (B, P) unit, labels (B,) merged classes -> mean cross-entropy."""
-        text = self.texts(table)  # (K, P)
-        logits = 10 * image_embeds.to(text.device).float() @ text.T  # (B, K)
-        return torch.nn.functional.cross_entropy(logits, labels.to(text.device))
 
 
 def old_class_images(plan: ExtendPlan, size: int, required: bool) -> dict[int, torch.Tensor]:

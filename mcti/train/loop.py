@@ -19,7 +19,7 @@ from mcti.core import openset
 from mcti.core.fused import fit_for_tokens, fit_fused, save_fused
 from mcti.core.fused_folds import fit_with_folds, shot_folds
 from mcti.core.model import ModelBundle, load_model
-from mcti.core.objectives import Objective, ObjectiveSettings, sample_draws
+from mcti.core.objectives import Objective, ObjectiveSettings, ScorerDecision, sample_draws
 from mcti.core.store import read_meta, save_tokens, write_tokens
 from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
 from mcti.data.coop import open_dataset, pick_shots
@@ -30,7 +30,6 @@ from mcti.train.checkpoint import Checkpoint
 from mcti.train.extend import (
     Extension,
     JoinedTable,
-    ScorerDecision,
     old_class_images,
     old_fused_cache,
     plan_extension,
@@ -66,7 +65,7 @@ class Prepared:
     table: TokenTable  # the trained classes (all, unless extending)
     objective: Objective
     extension: Extension | None = None  # --extend: the frozen classes and where they go
-    decision: ScorerDecision | None = None  # --extend with --reg clip
+    decision: ScorerDecision | None = None  # --reg clip: the scorer's decision (image -> text)
 
 
 def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = False) -> Prepared:
@@ -115,8 +114,8 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
     table.to(bundle.device)
     objective = Objective(bundle, tokens, settings, class_embeds, counts)
     decision = None
-    if extension is not None and image_embeds is not None and not extension.is_trained.all():
-        decision = ScorerDecision(tokens, extension)
+    if image_embeds is not None:  # --reg clip; extending, the frozen classes' texts are fixed
+        decision = ScorerDecision(tokens, extension.is_trained if extension else None)
     return Prepared(
         bundle,
         data,
@@ -168,7 +167,7 @@ def batch_loss(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:
     that of the whole batch. A batch with none computes one item at weight 0: zero gradients,
     so the optimizer steps every trained row, as in a scratch run where a class missed the
     batch (and the metrics keep their keys, which the ranks of a data-parallel run average).
-    With --reg clip an extension adds `ScorerDecision` over every item of the batch."""
+    With --reg clip, `ScorerDecision` is added over every item of the batch."""
     full, scale = batch, 1.0
     if p.extension is not None:
         keep = p.extension.teaches(
@@ -186,9 +185,11 @@ def batch_loss(p: Prepared, batch: dict) -> tuple[torch.Tensor, dict]:
     loss, metrics = _loss_of(p, batch)
     loss = loss * scale
     if p.decision is not None:
-        term = p.decision.loss(full_table(p), p.image_embeds[full["idx"]], full["labels"])
+        term, acc = p.decision.loss(
+            full_table(p), p.image_embeds[full["idx"]], full["labels"], full.get("negatives")
+        )
         loss = loss + p.objective.s.gamma * term
-        metrics["ce_decision"] = term.item()
+        metrics.update(ce_decision=term.item(), decision_acc=acc, loss=loss.item())
     return loss, metrics
 
 
@@ -220,6 +221,8 @@ def run_fingerprint(cfg: TrainArgs, p: Prepared) -> dict:
         "base_model": p.bundle.fingerprint,
         "shots": json.dumps(p.shot_paths),
     }
+    if cfg.method == "mcti" and cfg.reg == "clip":  # a text->image-only checkpoint: refused
+        fp["clip_term"] = "scorer-decision/1"
     if p.extension is not None:
         fp["extended_set"] = p.extension.digest()
         # batches from every class's shots, and ScorerDecision (an older extension's checkpoint

@@ -97,7 +97,9 @@ def test_the_flag_leaves_the_fingerprint_of_older_checkpoints_alone():
 
 def test_the_clip_term_encodes_one_prompt_per_image_whatever_the_negatives(tiny_bundle, tmp_path):
     """More negatives are how the clip term keeps up with K; they are images, so the text
-    encoder must not encode a prompt per negative (it did: 1 + M prompts per image)."""
+    encoder must not encode a prompt per negative (it did: 1 + M prompts per image). The
+    scorer's decision (mcti.core.objectives.ScorerDecision) encodes each class's prompt once:
+    all K = 6 here."""
     from mcti.train.loop import batch_loss, global_batch, prepare
     from tests.conftest import make_image_folder
 
@@ -116,7 +118,7 @@ def test_the_clip_term_encodes_one_prompt_per_image_whatever_the_negatives(tiny_
     finally:
         hook.remove()
     loss.backward()
-    assert encoded == [4] and 0 < metrics["ce"] and p.table.vectors.grad.abs().sum() > 0
+    assert encoded == [4, 6] and 0 < metrics["ce"] and p.table.vectors.grad.abs().sum() > 0
 
 
 def test_the_shots_clip_features_are_computed_in_chunks(tiny_bundle, tmp_path):

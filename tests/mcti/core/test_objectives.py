@@ -1,11 +1,14 @@
 """MC-TI objectives vs plain references; draws shard exactly across data-parallel ranks."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from mcti.core.objectives import (
     Objective,
     ObjectiveSettings,
+    ScorerDecision,
     sample_draws,
     sample_negatives,
     shard_draws,
@@ -141,3 +144,116 @@ def test_clip_term_uses_own_image_and_negative_shots(tiny_bundle):
         logits.append(10 * text[b] @ torch.stack(imgs).T)
     ce = torch.nn.functional.cross_entropy(torch.stack(logits), torch.zeros(2, dtype=torch.long))
     assert abs(m["ce"] - ce.item()) < 1e-5
+
+
+def spread_table(tokens: TokenSet, K: int) -> TokenTable:
+    """A table whose classes' texts differ clearly (tiny-random's init word alone: all alike)."""
+    table = TokenTable(K, 1, tokens.init_vector("object"))
+    with torch.no_grad():
+        table.vectors.normal_(generator=torch.Generator().manual_seed(3)).mul_(3)
+    return table
+
+
+@pytest.mark.parametrize("all_texts_max", [256, 2])  # all K texts; own class + negatives
+def test_decision_gradient_reaches_only_trainable_tokens(tiny_bundle, all_texts_max):
+    K = 4
+    tokens = TokenSet(tiny_bundle, K)
+    table = spread_table(tokens, K)
+    trainable = torch.tensor([False, True, False, True])
+    decision = ScorerDecision(tokens, trainable, all_texts_max)
+    images = torch.nn.functional.normalize(torch.randn(3, table_dim(tokens)), dim=-1)  # (B, P)
+    labels, negatives = torch.tensor([0, 1, 2]), torch.tensor([[1, 3], [0, 2], [3, 1]])
+    loss, _ = decision.loss(table, images, labels, negatives)
+    loss.backward()
+    g = table.vectors.grad.abs().sum(1)
+    assert (g[[1, 3]] > 0).all() and (g[[0, 2]] == 0).all()
+    # the trainable texts are encoded afresh each call (the frozen ones once)
+    with torch.no_grad():
+        table.vectors[1] += torch.randn(table.vectors.shape[1])  # (a constant: LayerNorm-invariant)
+    again, _ = decision.loss(table, images, labels, negatives)
+    assert again.item() != loss.item()
+
+
+def table_dim(tokens: TokenSet) -> int:
+    return tokens.bundle.require_clip().text_projection.out_features
+
+
+def test_decision_matches_the_clip_scorer_over_all_texts(tiny_bundle):
+    """Logits are the clip scorer's: 10 * cos(image, class text) over every class (K small)."""
+    K = 3
+    tokens = TokenSet(tiny_bundle, K)
+    table = spread_table(tokens, K)
+    text = tokens.clip_text_features(table, [tokens.prompt(k) for k in range(K)]).float()
+    images = torch.nn.functional.normalize(torch.randn(4, text.shape[1]), dim=-1)
+    labels = torch.tensor([2, 0, 1, 1])
+    ce, acc = ScorerDecision(tokens).loss(table, images, labels, torch.tensor([[0]] * 4))
+    ref = torch.nn.functional.cross_entropy(10 * images @ text.T, labels)
+    assert abs(ce.item() - ref.item()) < 1e-5
+    assert acc == ((images @ text.T).argmax(1) == labels).float().mean().item()
+
+
+def test_clip_reg_prefers_the_label_the_scorer_picks(tiny_bundle):
+    """The image is its class 0 text's feature, so the clip scorer picks class 0. Class 1's shot
+    looks like text 0 and class 0's shot unlike text 1: the text->image term alone (the old
+    --reg clip) scored label 1 (wrong) lower than label 0 (right); with the scorer's decision
+    the trained loss (gamma * both terms) is lower for the label the scorer picks."""
+    K = 2
+    tokens = TokenSet(tiny_bundle, K)
+    table = spread_table(tokens, K)
+    with torch.no_grad():
+        text = tokens.clip_text_features(table, [tokens.prompt(k) for k in range(K)]).float()
+    assert text[0] @ text[1] < 0.9  # the texts differ enough for the decision to tell them
+    x = text[0:1]  # (1, P): the scorer picks class 0
+    class_embeds = torch.stack([-text[1:2], text[0:1]])  # (K, S=1, P) shots
+    s = ObjectiveSettings(method="mcti", reg="clip", negatives=1, gamma=1.0, alpha=0.0)
+    objective = Objective(tiny_bundle, tokens, s, class_embeds, torch.tensor([1, 1]))
+    decision = ScorerDecision(tokens)
+
+    def clip_reg(label: int) -> tuple[float, float]:
+        """(text->image CE, text->image + decision CE) of the image under `label`."""
+        labels = torch.tensor([label])
+        d = sample_draws(s, labels, K, (4, 16, 16), 1000, torch.Generator().manual_seed(0))
+        d["template"] = torch.zeros(1, dtype=torch.long)  # the scorer's prompt
+        with torch.no_grad():
+            _, m = objective.loss(table, torch.zeros(1, 4, 16, 16), labels, d, image_embeds=x)
+            ce, _ = decision.loss(table, x, labels, d["negatives"])
+        return m["ce"], m["ce"] + ce.item()
+
+    (old_right, new_right), (old_wrong, new_wrong) = clip_reg(0), clip_reg(1)
+    assert old_wrong < old_right  # the old term ranks the wrong way round here
+    assert new_right < new_wrong
+
+
+def test_fingerprint_names_the_clip_term(tiny_bundle, tmp_path):
+    """A --reg clip checkpoint of the text->image term alone has no `clip_term`: refused."""
+    from mcti.errors import UserError
+    from mcti.settings import TrainArgs
+    from mcti.train.checkpoint import check_same_run
+    from mcti.train.loop import prepare, run_fingerprint
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", n_classes=2, per_class=2)
+    bundle = tiny_bundle
+    cfg = TrainArgs(data=str(data), out=str(tmp_path / "tok"), reg="clip", shots=2, quiet=True)
+    fp = run_fingerprint(cfg, prepare(cfg, bundle, quiet=True))
+    assert fp["clip_term"] == "scorer-decision/1"
+    old = {k: v for k, v in fp.items() if k != "clip_term"}
+    with pytest.raises(UserError, match="clip_term"):
+        check_same_run(old, fp, tmp_path)
+    denoise = replace(cfg, reg="denoise")
+    assert "clip_term" not in run_fingerprint(denoise, prepare(denoise, bundle, quiet=True))
+
+
+def test_decision_with_only_frozen_candidates_encodes_no_prompt(tiny_bundle):
+    """Extending at large K, an old-class image whose negatives are all old classes: the
+    frozen texts alone (no text encoder call with zero prompts), and no gradient."""
+    K = 4
+    tokens = TokenSet(tiny_bundle, K)
+    table = spread_table(tokens, K)
+    decision = ScorerDecision(tokens, torch.tensor([False, False, False, True]), all_texts_max=2)
+    images = torch.nn.functional.normalize(torch.randn(1, table_dim(tokens)), dim=-1)
+    decision.loss(table, images, torch.tensor([3]), torch.tensor([[0, 1]]))  # caches the frozen
+    ce, _ = decision.loss(table, images, torch.tensor([0]), torch.tensor([[1, 2]]))
+    text = decision.frozen_texts  # (3, P): classes 0, 1, 2
+    ref = torch.nn.functional.cross_entropy(10 * images @ text.T, torch.tensor([0]))
+    assert abs(ce.item() - ref.item()) < 1e-5 and not ce.requires_grad
