@@ -5,19 +5,8 @@ token set without the state is one clear error line."""
 import json
 import shutil
 
-import pytest
-
 from mcti.cli import main
-from tests.conftest import make_image_folder
-from tests.mcti.cli.test_cli import TRAIN, run_err
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fused")
-    data = make_image_folder(root / "data", n_classes=3, per_class=5)
-    assert main(["train", "--data", str(data), "--out", str(root / "tok"), *TRAIN]) == 0
-    return data, root / "tok"
+from tests.mcti.cli.test_cli import run_err
 
 
 def test_train_writes_the_fused_state(trained):
