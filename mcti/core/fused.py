@@ -288,13 +288,6 @@ def fit_fused(
 
 
 @torch.no_grad()
-def shot_features(bundle: ModelBundle, pixels: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, P) float CPU CLIP image features, 64 images per pass."""
-    chunks = [bundle.clip_image_features(pixels[i : i + 64]) for i in range(0, len(pixels), 64)]
-    return torch.cat(chunks).float().cpu()
-
-
-@torch.no_grad()
 def fit_for_tokens(
     bundle: ModelBundle,
     tokens: TokenSet,
@@ -306,7 +299,7 @@ def fit_for_tokens(
 ) -> FusedState:
     """The fused state of a trained token set from its shots: pixels (N, 3, H, W), labels (N,)
     (no folds: the token weight is fitted on the tokens' own shots and shrunk)."""
-    feats = shot_features(bundle, pixels)  # (N, P)
+    feats = bundle.clip_image_features_cpu(pixels)  # (N, P)
     K = tokens.num_classes
     text = tokens.clip_text_features(table, [tokens.prompt(k, template) for k in range(K)])
     return fit_fused(feats, labels, K, feats @ text.float().cpu().T, token_shrink)

@@ -11,7 +11,7 @@ with them. Cost: K extra trainings and N x m x timesteps UNet rows.
 
 import torch
 
-from mcti.core.fused import FusedParams, FusedState, fit_fused, shot_features
+from mcti.core.fused import FusedParams, FusedState, fit_fused
 from mcti.core.model import ModelBundle
 from mcti.core.scoring import DiffusionScorer
 from mcti.core.tokens import TEMPLATES, TokenSet, TokenTable
@@ -43,7 +43,7 @@ def fit_with_folds(
     """The fused state fitted on out-of-fold scores: pixels (N, 3, H, W) and labels (N,) of the
     shots, folds (N,) their folds, fold_tables[j] trained without fold j. diffusion_m 0: no
     diffusion part."""
-    feats = shot_features(bundle, pixels)  # (N, P)
+    feats = bundle.clip_image_features_cpu(pixels)  # (N, P)
     x0 = torch.cat([bundle.encode_images(pixels[i : i + 32]) for i in range(0, len(pixels), 32)])
     K, N = tokens.num_classes, len(labels)
     cache_only = fit_fused(feats, labels, K, None)

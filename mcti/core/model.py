@@ -24,6 +24,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # setting (HF_HUB_OFFLINE) is changed behind the caller's back.
 LOCAL = {"local_files_only": True}
 
+CLIP_CHUNK = 64  # images per CLIP vision pass: all 5000 shots of K = 1000 at once took 740 MB
+
 
 @dataclass
 class ModelBundle:
@@ -81,6 +83,17 @@ class ModelBundle:
     def clip_image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, P) L2-normalised CLIP image embeddings."""
         return clip_image_embeddings(self.require_clip(), pixels.to(self.device))
+
+    @torch.no_grad()
+    def clip_image_features_cpu(
+        self, pixels: torch.Tensor, chunk: int = CLIP_CHUNK
+    ) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, P) float CPU features, `chunk` images per pass, so the
+        memory stays bounded however many images (shots, a test set) there are."""
+        parts = [
+            self.clip_image_features(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)
+        ]
+        return torch.cat(parts).float().cpu()
 
     def require_clip(self) -> nn.Module:
         if self.clip is None:

@@ -243,22 +243,12 @@ class OpenSet:
         atomic_write_json(d / JSON_FILE, meta)
 
 
-def shot_features(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """(S, 3, H, W) shot images -> (S, P) their CLIP image features."""
-    return torch.cat(
-        [
-            bundle.clip_image_features(pixels[i : i + chunk]).cpu()
-            for i in range(0, len(pixels), chunk)
-        ]
-    )
-
-
 def fit_on_shots(
     bundle: ModelBundle, pixels: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> OpenSet:
     """The state of a token set from its training shots (S, 3, H, W) and their classes (S,),
     as `mcti train` saves it."""
-    return fit(Reference(shot_features(bundle, pixels), labels.cpu(), num_classes))
+    return fit(Reference(bundle.clip_image_features_cpu(pixels), labels.cpu(), num_classes))
 
 
 def fit(ref: Reference, scores: list[str] | None = None) -> OpenSet:

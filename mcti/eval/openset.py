@@ -29,12 +29,7 @@ class Rejector:
         """(N,) rejection scores of images `pixels` (N, 3, H, W) the classifier scored."""
         feats = None
         if self.score in openset.FEATURE_SCORES:
-            feats = torch.cat(
-                [
-                    bundle.clip_image_features(pixels[i : i + 64]).cpu()
-                    for i in range(0, len(pixels), 64)
-                ]
-            )
+            feats = bundle.clip_image_features_cpu(pixels)  # (N, P)
         fn = openset.REJECT_SCORES[self.score]
         return fn(openset.Evidence(scores.scores, feats), self.state.reference)
 
@@ -68,7 +63,7 @@ def shot_reference(
             f"warning: {len(missing)} training image(s) not found; fit without them",
             file=sys.stderr,
         )
-    feats = openset.shot_features(bundle, torch.stack(pixels))  # (S, P)
+    feats = bundle.clip_image_features_cpu(torch.stack(pixels))  # (S, P)
     return openset.Reference(feats, torch.tensor(ys), len(labels))
 
 

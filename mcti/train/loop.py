@@ -102,8 +102,7 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
         ).cpu()
     image_embeds = class_embeds = counts = None
     if settings.method == "mcti" and settings.reg == "clip":
-        # chunked: all 5000 shots of K = 1000 in one CLIP pass took 740 MB
-        image_embeds = _clip_features(bundle, pixels)  # (N, P)
+        image_embeds = bundle.clip_image_features_cpu(pixels)  # (N, P)
         K = len(classes)
         counts = torch.bincount(labels, minlength=K)
         class_embeds = torch.zeros(K, int(counts.max()), image_embeds.shape[1])  # (K, S, P)
@@ -129,9 +128,6 @@ def prepare(cfg: TrainArgs, bundle: ModelBundle | None = None, quiet: bool = Fal
         extension,
         decision,
     )
-
-
-CLIP_CHUNK = 64  # images per CLIP vision pass: 5000 shots (K = 1000) at once took 740 MB
 
 
 def _encode_chunked(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 32) -> torch.Tensor:
@@ -285,7 +281,7 @@ def save_fused_state(cfg: TrainArgs, p: Prepared) -> None:
     if p.extension is None:
         save_fused(cfg.out, fit_for_tokens(p.bundle, p.tokens, p.table, pixels, labels))
         return
-    feats = _clip_features(p.bundle, pixels)  # (N, P)
+    feats = p.bundle.clip_image_features_cpu(pixels)  # (N, P)
     old = old_fused_cache(p.extension.plan) or _old_class_features(p)
     if old is not None:
         feats, labels = torch.cat([old[0], feats]), torch.cat([old[1], labels])
@@ -320,19 +316,8 @@ def _old_class_features(p: Prepared) -> tuple[torch.Tensor, torch.Tensor] | None
     images = old_class_images(p.extension.plan, p.bundle.resolution, required=False)
     if not images:
         return None
-    feats = torch.cat([_clip_features(p.bundle, x) for x in images.values()])
+    feats = torch.cat([p.bundle.clip_image_features_cpu(x) for x in images.values()])
     return feats, torch.cat([torch.full((len(x),), k) for k, x in images.items()])
-
-
-@torch.no_grad()
-def _clip_features(
-    bundle: ModelBundle, pixels: torch.Tensor, chunk: int = CLIP_CHUNK
-) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, P) L2-normalised CLIP image features, CPU fp32."""
-    parts = [
-        bundle.clip_image_features(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)
-    ]
-    return torch.cat(parts).float().cpu()
 
 
 def fold_tables(cfg: TrainArgs, p: Prepared) -> tuple[torch.Tensor, list[TokenTable]]:

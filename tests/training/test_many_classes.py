@@ -124,7 +124,8 @@ def test_the_clip_term_encodes_one_prompt_per_image_whatever_the_negatives(tiny_
 def test_the_shots_clip_features_are_computed_in_chunks(tiny_bundle, tmp_path):
     """`prepare` embedded every shot in one CLIP vision pass: 740 MB per rank for the 5000 shots
     of K = 1000 (benchmarks/train_k.py), growing with K x shots. It must go in chunks."""
-    from mcti.train.loop import CLIP_CHUNK, prepare
+    from mcti.core.model import CLIP_CHUNK
+    from mcti.train.loop import prepare
     from tests.conftest import make_image_folder
 
     n_classes = CLIP_CHUNK // 2 + 1  # 2 shots each: one chunk and a bit

@@ -15,7 +15,6 @@ from mcti.core.fused import (
     fit_fused,
     load_fused,
     save_fused,
-    shot_features,
 )
 from mcti.core.fused_folds import shot_folds
 from mcti.core.scoring import Classifier, DiffusionScorer
@@ -107,7 +106,7 @@ def test_classifier_runs_the_diffusion_part_on_the_cache_top_m(tiny_bundle):
     g = torch.Generator().manual_seed(4)
     shots = torch.rand(8, 3, size, size, generator=g) * 2 - 1
     y = torch.arange(K).repeat(2)
-    feats = shot_features(tiny_bundle, shots)
+    feats = tiny_bundle.clip_image_features_cpu(shots)
     df = candidate_errors(y, K, True, 3)
     state = fit_fused(feats, y, K, torch.randn(8, K), diffusion=df, folds=2)
     state = dataclasses.replace(
