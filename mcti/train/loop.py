@@ -257,18 +257,20 @@ def train(cfg: TrainArgs, bundle: ModelBundle | None = None) -> Prepared:
         log = RunLog(out / "metrics.jsonl")
         log.trim(step)  # a resumed run redoes the steps after its checkpoint
         run_steps(cfg, p, opt, gen, fp, step, log)
-        save_fused_state(cfg, p)
-        save_open_set_state(cfg, p)
+        pixels = shot_pixels(p) if p.bundle.clip is not None else None  # read once for both
+        save_fused_state(cfg, p, pixels)
+        save_open_set_state(cfg, p, pixels)
     return p
 
 
-def save_fused_state(cfg: TrainArgs, p: Prepared) -> None:
+def save_fused_state(cfg: TrainArgs, p: Prepared, pixels: torch.Tensor | None = None) -> None:
     """The fused scorer's state (mcti.core.fused) of the finished tokens, fitted on their shots;
     none without a CLIP vision tower. An extension's cache is OLD's cache (or, if OLD has none,
-    the features of OLD's training images) plus the new shots' features, refitted as a whole."""
+    the features of OLD's training images) plus the new shots' features, refitted as a whole.
+    `pixels`: the shots (N, 3, H, W) if already read."""
     if p.bundle.clip is None:
         return
-    pixels = shot_pixels(p)  # (N, 3, H, W)
+    pixels = shot_pixels(p) if pixels is None else pixels  # (N, 3, H, W)
     labels = p.labels[: len(pixels)]
     if p.extension is None and cfg.fit_folds:
         folds, tables = fold_tables(cfg, p)
@@ -292,12 +294,12 @@ def save_fused_state(cfg: TrainArgs, p: Prepared) -> None:
     save_fused(cfg.out, fit_fused(feats, labels, K, feats @ text.T))
 
 
-def save_open_set_state(cfg: TrainArgs, p: Prepared) -> None:
+def save_open_set_state(cfg: TrainArgs, p: Prepared, pixels: torch.Tensor | None = None) -> None:
     """The open-set reference and `--reject auto` thresholds (mcti.core.openset), fit on the
     shots leave-one-out; skipped as the fused state is (classify then fits it from the shots)."""
     if p.bundle.clip is None or p.extension is not None:
         return
-    pixels = shot_pixels(p)  # (N, 3, H, W)
+    pixels = shot_pixels(p) if pixels is None else pixels  # (N, 3, H, W)
     openset.fit_on_shots(p.bundle, pixels, p.labels[: len(pixels)], p.tokens.num_classes).save(
         cfg.out
     )
